@@ -1,0 +1,222 @@
+"""Vision Transformer and DeiT (distillation token), in the timm layout.
+
+Submodule names follow timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``blocks.N.attn.qkv``, ``blocks.N.attn.proj``, ``blocks.N.mlp.fc1/fc2``, ``norm``, ``head``,
+and for DeiT ``dist_token``, ``head_dist``) so that timm checkpoints load by name and layer
+patterns in recipes mean the same thing on every ViT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitcompress.errors import VitcompressError
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    distilled: bool = False  # DeiT: a distillation token and a second head
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.patch_size:
+            raise VitcompressError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise VitcompressError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
+        for k in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth"):
+            if getattr(self, k) < 1:
+                raise VitcompressError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MatMul(nn.Module):
+    """``a @ b`` as a module, so that quantizers can find and wrap the attention dot products."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size = img_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, C, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, C)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.qk_matmul = MatMul()  # Q.K^T
+        self.av_matmul = MatMul()  # A.V
+        # The fused kernel is fast, but hides the two dot products; quantizers that need to see
+        # them set this to False.
+        self.fused_attn = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, D)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1))  # (B, H, N, N)
+            attn = attn.softmax(dim=-1)
+            x = self.av_matmul(attn, v)  # (B, H, N, D)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a whole residual branch per sample while training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """ViT (Dosovitskiy et al.) and, with ``distilled=True``, DeiT (Touvron et al.).
+
+    A distilled model returns ``(logits_cls, logits_dist)`` while training and their mean in
+    eval mode, as DeiT does at inference.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.embed_dim
+        self.num_classes = cfg.num_classes
+        self.distilled = cfg.distilled
+        self.num_prefix_tokens = 2 if cfg.distilled else 1
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, dim)
+        n = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + self.num_prefix_tokens, dim))
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.Sequential(
+            *[Block(dim, cfg.num_heads, cfg.mlp_ratio, dpr[i]) for i in range(cfg.depth)]
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, cfg.num_classes)
+        self.head_dist = nn.Linear(dim, cfg.num_classes) if cfg.distilled else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # (B, N, C)
+        B = x.shape[0]
+        tokens = [self.cls_token.expand(B, -1, -1)]
+        if self.dist_token is not None:
+            tokens.append(self.dist_token.expand(B, -1, -1))
+        x = torch.cat(tokens + [x], dim=1) + self.pos_embed  # (B, P+N, C)
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(x[:, 0])  # (B, K)
+        if self.head_dist is None:
+            return logits
+        logits_dist = self.head_dist(x[:, 1])  # (B, K)
+        if self.training:
+            return logits, logits_dist
+        return (logits + logits_dist) / 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_head(self.forward_features(x))
+
+
+# Presets only set numbers. The -tiny/-small/-base widths are those of the studies; the small
+# ones are sized to train on 28x28 / 32x32 images on two CPU cores in minutes.
+VIT_PRESETS: dict[str, dict] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0),
+    "small": dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
+    "base": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
+    # sized for 28x28 Fashion-MNIST / 32x32 CIFAR-10 with patch 4 on a laptop CPU
+    "micro": dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, patch_size=4, img_size=28),
+    "nano": dict(embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0, patch_size=4, img_size=28),
+}
+
+
+def vit_config(name: str, **overrides) -> ViTConfig:
+    """The config of preset ``vit-<size>`` or ``deit-<size>``, with numbers overridden."""
+    family, _, size = name.partition("-")
+    if family not in ("vit", "deit") or size not in VIT_PRESETS:
+        raise VitcompressError(f"unknown ViT preset {name!r}")
+    args = dict(VIT_PRESETS[size])
+    args["distilled"] = family == "deit"
+    args.update({k: v for k, v in overrides.items() if v is not None})
+    return ViTConfig(**args)
