@@ -69,7 +69,8 @@ def select_modules(
             kinds = "/".join(t.__name__ for t in types)
             example = ", ".join(n for n, _ in candidates[:3])
             raise VitcompressError(
-                f"{what}: pattern {pattern!r} matches no {kinds} module (names look like: {example})"
+                f"{what}: pattern {pattern!r} matches no {kinds} module "
+                f"(names look like: {example})"
             )
     for n, m in candidates:
         if any(name_matches(n, p) for p in tlist) and not any(name_matches(n, p) for p in ilist):

@@ -26,7 +26,9 @@ class ResNetConfig:
 
     def __post_init__(self) -> None:
         if self.block not in ("basic", "bottleneck"):
-            raise VitcompressError(f"ResNet block must be 'basic' or 'bottleneck', not {self.block!r}")
+            raise VitcompressError(
+                f"ResNet block must be 'basic' or 'bottleneck', not {self.block!r}"
+            )
         if len(self.layers) != len(self.widths):
             raise VitcompressError("ResNet layers and widths must have the same length")
 

@@ -8,7 +8,7 @@ patterns in recipes mean the same thing on every ViT.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

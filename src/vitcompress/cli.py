@@ -1,0 +1,174 @@
+"""The ``vitcompress`` command. Thin: it parses arguments and calls library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vitcompress.errors import VitcompressError
+
+
+def _add_model_size_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--img-size", type=int, help="input image size in pixels")
+    p.add_argument("--patch", type=int, help="patch size (ViT/DeiT)")
+    p.add_argument("--channels", type=int, help="input channels")
+    p.add_argument("--classes", type=int, help="number of classes")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from vitcompress.measure import flops_per_image
+    from vitcompress.models import PRESETS, build_model, model_config
+
+    rows = []
+    for name in PRESETS:
+        cfg = model_config(
+            name,
+            img_size=args.img_size,
+            patch_size=args.patch,
+            in_chans=args.channels,
+            num_classes=args.classes,
+        )
+        model = build_model(cfg)
+        shape = (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
+        rows.append(
+            {
+                "model": name,
+                "params": sum(p.numel() for p in model.parameters()),
+                "gflops": flops_per_image(model, shape) / 1e9,
+                "img_size": cfg["img_size"],
+                "patch_size": cfg.get("patch_size"),
+                "in_chans": cfg["in_chans"],
+                "num_classes": cfg["num_classes"],
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<14}{'params':>12}{'GFLOPs':>10}  input")
+    for r in rows:
+        patch = f"/{r['patch_size']}" if r["patch_size"] else ""
+        size = f"{r['in_chans']}x{r['img_size']}x{r['img_size']}{patch}, {r['num_classes']} classes"
+        print(f"{r['model']:<14}{r['params'] / 1e6:>11.2f}M{r['gflops']:>10.3f}  {size}")
+    print("GFLOPs: floating-point operations per image, 2 per multiply-add (GMACs = GFLOPs / 2).")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vitcompress.workflows import train_run
+
+    metrics = train_run(
+        model=args.model,
+        data=args.data,
+        out=Path(args.out),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing,
+        img_size=args.img_size,
+        patch_size=args.patch,
+        channels=args.channels,
+        teacher=Path(args.teacher) if args.teacher else None,
+        distill=args.distill,
+        distill_alpha=args.distill_alpha,
+        distill_tau=args.distill_tau,
+        augment=not args.no_augment,
+        seed=args.seed,
+        limit=args.limit,
+        resume=args.resume,
+        force=args.force,
+        device=args.device,
+        drop_path=args.drop_path,
+    )
+    print(_metrics_line(metrics))
+    print(f"run directory: {args.out}")
+    return 0
+
+
+def _metrics_line(m: dict) -> str:
+    return (
+        f"top-1 {m['top1'] * 100:.2f} %  top-5 {m['top5'] * 100:.2f} %  loss {m['loss']:.4f}  "
+        f"params {m['params_total']:,} (non-zero {m['params_nonzero']:,})"
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vitcompress.workflows import evaluate_run
+
+    m = evaluate_run(Path(args.checkpoint), data=args.data, limit=args.limit, device=args.device)
+    if args.json:
+        print(json.dumps(m, indent=2))
+    else:
+        print(_metrics_line(m))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitcompress",
+        description="Compress Vision Transformers and measure what it costs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list model presets with parameters and GFLOPs")
+    _add_model_size_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train a model (optionally distilled from a teacher)")
+    p.add_argument("--model", required=True, help="preset, e.g. vit-micro, deit-tiny, resnet18")
+    p.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="fashion-mnist[:DIR] | imagefolder:PATH | cifar10:PATH (default fashion-mnist)",
+    )
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (ViT)")
+    _add_model_size_args(p)
+    p.add_argument("--teacher", help="run directory of a trained teacher")
+    p.add_argument("--distill", choices=["soft", "hard"], help="distillation kind (with --teacher)")
+    p.add_argument("--distill-alpha", type=float, default=0.5)
+    p.add_argument("--distill-tau", type=float, default=3.0)
+    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="use only the first N images of each split")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5/loss and parameter counts of a run")
+    p.add_argument("--checkpoint", required=True, help="run directory")
+    p.add_argument("--data", help="data spec (default: the run's own)")
+    p.add_argument("--limit", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VitcompressError as e:
+        print(f"vitcompress {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitcompress {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

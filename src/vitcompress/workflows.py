@@ -1,0 +1,241 @@
+"""End-to-end jobs behind the CLI: train a run directory, evaluate one.
+
+Each is one function over plain arguments, so the CLI, the sweep runner and tests share them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitcompress.errors import VitcompressError
+from vitcompress.measure import params_nonzero, params_total
+from vitcompress.models import build_model, model_config
+from vitcompress.models.checkpoints import (
+    CONFIG,
+    METRICS,
+    TRAIN_STATE,
+    WEIGHTS,
+    load_run,
+    save_run,
+    versions,
+)
+from vitcompress.train import TrainConfig, evaluate, pick_device, train
+
+# Sizes the built-in sources come in; an image folder has none (its images are resized).
+NATIVE_SIZE = {"fashion-mnist": 28, "cifar10": 32}
+
+
+def data_kind(spec: str) -> str:
+    return spec.partition(":")[0]
+
+
+def resolve_img_size(spec: str, preset_cfg: dict, img_size: int | None) -> int:
+    """--img-size if given, else the data's native size, else the preset's own."""
+    if img_size:
+        return img_size
+    return NATIVE_SIZE.get(data_kind(spec), preset_cfg["img_size"])
+
+
+def loaders(data_cfg: dict, batch_size: int, eval_batch_size: int = 256):
+    """(train loader, test loader, info) for a run's data section."""
+    from vitcompress.data import load_data, make_loader
+
+    train_ds, test_ds, info = load_data(
+        data_cfg["spec"],
+        img_size=data_cfg["img_size"],
+        seed=data_cfg.get("seed", 0),
+        augment=data_cfg.get("augment", True),
+        limit=data_cfg.get("limit"),
+        channels=data_cfg.get("channels"),
+    )
+    seed = data_cfg.get("seed", 0)
+    train_loader = make_loader(train_ds, batch_size, shuffle=True, seed=seed)
+    test_loader = make_loader(test_ds, eval_batch_size, shuffle=False, seed=seed)
+    return train_loader, test_loader, info
+
+
+def load_teacher(path: Path, model_cfg: dict) -> nn.Module:
+    teacher, tcfg = load_run(path)
+    t = tcfg["model"]
+    for key in ("img_size", "in_chans", "num_classes"):
+        if t.get(key) != model_cfg.get(key):
+            raise VitcompressError(
+                f"teacher {path} has {key}={t.get(key)}, the student {model_cfg.get(key)}"
+            )
+    return teacher
+
+
+def model_cfg_arch(preset: str) -> str:
+    return model_config(preset)["arch"]
+
+
+def _check_out(out: Path, resume: bool, force: bool) -> None:
+    if resume or not out.exists():
+        return
+    finished = (out / METRICS).is_file()
+    interrupted = (out / TRAIN_STATE).is_file()
+    if not (finished or interrupted or (out / WEIGHTS).exists()):
+        return
+    if force:
+        for name in (WEIGHTS, CONFIG, METRICS, TRAIN_STATE):
+            (out / name).unlink(missing_ok=True)
+        return
+    what = "a finished run" if finished else "an interrupted run (use --resume to continue)"
+    raise VitcompressError(f"{out} already holds {what}; pass --force to start over")
+
+
+def train_run(
+    model: str,
+    data: str,
+    out: Path,
+    epochs: int = 5,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    warmup_epochs: float = 1.0,
+    label_smoothing: float = 0.1,
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    channels: int | None = None,
+    teacher: Path | None = None,
+    distill: str | None = None,
+    distill_alpha: float = 0.5,
+    distill_tau: float = 3.0,
+    augment: bool = True,
+    seed: int = 0,
+    limit: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    device: str = "auto",
+    drop_path: float = 0.0,
+) -> dict:
+    """Train a preset on a data source into run directory ``out``; returns its metrics."""
+    out = Path(out)
+    if distill and teacher is None:
+        raise VitcompressError("--distill needs --teacher RUN_DIR")
+    if teacher is not None and not distill:
+        distill = "hard"
+    _check_out(out, resume, force)
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing,
+        distill=distill,
+        distill_alpha=distill_alpha,
+        distill_tau=distill_tau,
+        seed=seed,
+    )
+    if resume:
+        from vitcompress.models.checkpoints import read_json
+
+        saved = read_json(out / CONFIG)
+        model_cfg, data_cfg = saved["model"], saved["data"]
+        cfg = TrainConfig(**saved["train"])
+        teacher = Path(saved["teacher"]) if saved.get("teacher") else None
+    else:
+        preset = model_config(model)
+        size = resolve_img_size(data, preset, img_size)
+        data_cfg = {
+            "spec": data,
+            "img_size": size,
+            "seed": seed,
+            "augment": augment,
+            "limit": limit,
+            "channels": channels,
+        }
+        model_cfg = None
+    torch.manual_seed(seed)
+    train_loader, test_loader, info = loaders(data_cfg, cfg.batch_size)
+    if model_cfg is None:
+        is_vit = model_cfg_arch(model) == "vit"
+        extra = {"drop_path_rate": drop_path} if drop_path and is_vit else {}
+        model_cfg = model_config(
+            model,
+            img_size=data_cfg["img_size"],
+            patch_size=patch_size,
+            in_chans=info.channels,
+            num_classes=len(info.classes),
+            **extra,
+        )
+    torch.manual_seed(seed)
+    net = build_model(model_cfg)
+    teacher_net = load_teacher(teacher, model_cfg) if teacher is not None else None
+    run_config = {
+        "model": model_cfg,
+        "data": {**data_cfg, "classes": list(info.classes), "mean": list(info.mean),
+                 "std": list(info.std)},
+        "train": cfg.to_dict(),
+        "teacher": str(teacher) if teacher is not None else None,
+        "seed": seed,
+        "command": " ".join(["vitcompress", *sys.argv[1:]]) if sys.argv else None,
+        "versions": versions(),
+    }  # fmt: skip
+    dev = pick_device(device)
+    metrics = train(
+        net,
+        train_loader,
+        test_loader,
+        cfg,
+        out=out,
+        run_config=run_config,
+        teacher=teacher_net,
+        resume=resume,
+        device=dev,
+    )
+    net.cpu()
+    metrics.update(
+        {
+            "params_total": params_total(net),
+            "params_nonzero": params_nonzero(net),
+            "bytes_fp32": 4 * params_total(net),
+            "device": str(dev),
+            "threads": torch.get_num_threads(),
+        }
+    )
+    save_run(out, net, run_config, metrics)
+    (out / TRAIN_STATE).unlink(missing_ok=True)
+    return metrics
+
+
+def evaluate_run(
+    checkpoint: Path, data: str | None = None, limit: int | None = None, device: str = "auto"
+) -> dict:
+    """Evaluate a run directory on its own test split (or another data spec of the same shape)."""
+    model, config = load_run(checkpoint)
+    data_cfg = dict(config["data"])
+    if data:
+        data_cfg["spec"] = data
+    if limit:
+        data_cfg["limit"] = limit
+    data_cfg["augment"] = False
+    data_cfg["channels"] = config["model"]["in_chans"]
+    _, test_loader, info = loaders(data_cfg, 256)
+    if len(info.classes) != config["model"]["num_classes"]:
+        raise VitcompressError(
+            f"data {data_cfg['spec']} has {len(info.classes)} classes, the model "
+            f"{config['model']['num_classes']}"
+        )
+    dev = pick_device(device)
+    m = evaluate(model.to(dev), test_loader, dev)
+    model.cpu()
+    m.update(
+        {
+            "params_total": params_total(model),
+            "params_nonzero": params_nonzero(model),
+            "checkpoint": str(checkpoint),
+            "data": data_cfg["spec"],
+        }
+    )
+    return m
+
+
+def copy_run(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -1,0 +1,122 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from vitcompress.errors import VitcompressError
+from vitcompress.models import build_model, create_model
+from vitcompress.models.checkpoints import TRAIN_STATE, load_run
+from vitcompress.train import EpochShuffleSampler, TrainConfig, evaluate, lr_at, train
+
+
+def _toy_data(n=256, seed=0):
+    """Four classes of 16x16 textures (stripes both ways, checkers, flat) under noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    i = torch.arange(16)
+    textures = torch.stack(
+        [
+            (i[:, None] % 2).expand(16, 16),
+            (i[None, :] % 2).expand(16, 16),
+            (i[:, None] + i[None, :]) % 2,
+            torch.ones(16, 16),
+        ]
+    ).float()
+    x = textures[y][:, None] + 0.3 * torch.randn(n, 1, 16, 16, generator=g)
+    return TensorDataset(x, y)
+
+
+def _loader(ds, shuffle=True):
+    sampler = EpochShuffleSampler(len(ds), seed=0) if shuffle else None
+    return DataLoader(ds, batch_size=32, sampler=sampler)
+
+
+def test_lr_schedule_warms_up_then_follows_cosine():
+    assert lr_at(0, 100, 10, 1.0, 0.0) == pytest.approx(0.01)
+    assert lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_training_reduces_loss_and_learns(tiny_vit_cfg):
+    torch.manual_seed(0)
+    model = build_model(tiny_vit_cfg)
+    data = _toy_data()
+    before = evaluate(model, _loader(data, False))
+    cfg = TrainConfig(epochs=4, lr=3e-3, warmup_epochs=0.5, label_smoothing=0.0)
+    metrics = train(model, _loader(data), _loader(data, False), cfg, device="cpu")
+    after = evaluate(model, _loader(data, False))
+    assert after["loss"] < before["loss"] * 0.7
+    assert after["top1"] > 0.8
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+
+
+def test_one_step_reduces_loss_on_the_batch(tiny_vit_cfg):
+    torch.manual_seed(0)
+    model = build_model(tiny_vit_cfg)
+    x, y = next(iter(_loader(_toy_data())))
+    loss0 = torch.nn.functional.cross_entropy(model(x), y).item()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.nn.functional.cross_entropy(model(x), y).item() < loss0
+
+
+def test_distilled_deit_trains_with_a_teacher(tiny_vit_cfg):
+    torch.manual_seed(0)
+    teacher = create_model("resnet-micro", img_size=16, in_chans=1, num_classes=4)
+    student = create_model("deit-nano", img_size=16, patch_size=4, in_chans=1, num_classes=4)
+    data = _toy_data(128)
+    cfg = TrainConfig(epochs=1, distill="hard", label_smoothing=0.0)
+    m = train(student, _loader(data), _loader(data, False), cfg, teacher=teacher, device="cpu")
+    assert 0.0 <= m["top1"] <= 1.0
+    with pytest.raises(VitcompressError, match="needs a teacher"):
+        train(student, _loader(data), None, cfg, device="cpu")
+
+
+def test_resume_continues_to_the_same_weights(tmp_path, tiny_vit_cfg):
+    data = _toy_data(128)
+    cfg = TrainConfig(epochs=2, lr=2e-3)
+    run_config = {"model": tiny_vit_cfg}
+
+    torch.manual_seed(0)
+    straight = build_model(tiny_vit_cfg)
+    train(straight, _loader(data), None, cfg, device="cpu")
+
+    # the same run, stopped after one epoch and resumed from its checkpoint
+    torch.manual_seed(0)
+    first = build_model(tiny_vit_cfg)
+    # interrupt the two-epoch run right after its first epoch's checkpoint
+    steps_per_epoch = len(_loader(data))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(step):
+        if step == steps_per_epoch + 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(
+            first,
+            _loader(data),
+            None,
+            cfg,
+            out=tmp_path,
+            run_config=run_config,
+            device="cpu",
+            after_step=[stop_after_first_epoch],
+        )
+    assert (tmp_path / TRAIN_STATE).is_file()
+    resumed, _ = load_run(tmp_path)
+    resumed.train()
+    train(resumed, _loader(data), None, cfg, out=tmp_path, resume=True, device="cpu")
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=k, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_train_config():
+    with pytest.raises(VitcompressError, match="distill"):
+        TrainConfig(distill="medium")
+    with pytest.raises(VitcompressError, match="lr"):
+        TrainConfig(lr=0)
