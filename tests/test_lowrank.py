@@ -1,0 +1,199 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitcompress.errors import VitcompressError
+from vitcompress.lowrank import (
+    LowRankConfig,
+    LowRankConv2d,
+    LowRankLinear,
+    factorize_,
+    lowrank_ranks,
+    rank_for_budget,
+    rank_for_energy,
+    rank_for_ratio,
+    restore_lowrank_,
+    svd_factors,
+)
+from vitcompress.models import create_model
+
+
+def known_spectrum(n: int, p: int, S: list[float]) -> torch.Tensor:
+    """An (n, p) float64 matrix whose singular values are exactly ``S``."""
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(n, len(S), generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(p, len(S), generator=g, dtype=torch.float64))
+    return U @ torch.diag(torch.tensor(S, dtype=torch.float64)) @ V.T
+
+
+@pytest.mark.parametrize("split", ["sqrt", "second"])
+@pytest.mark.parametrize("r", [1, 5, 17, 29])
+def test_eckart_young(split, r):
+    torch.manual_seed(0)
+    W = torch.randn(40, 30, dtype=torch.float64)
+    S = torch.linalg.svdvals(W)
+    A, B = svd_factors(W, r, split)
+    assert A.shape == (r, 30) and B.shape == (40, r) and A.dtype == torch.float64
+    E = W - B @ A
+    assert torch.linalg.matrix_norm(E).item() == pytest.approx(
+        S[r:].square().sum().sqrt().item(), rel=1e-6
+    )
+    assert torch.linalg.matrix_norm(E, ord=2).item() == pytest.approx(S[r].item(), rel=1e-6)
+
+
+def test_splits_give_the_study_factors_and_balanced_ones():
+    W = known_spectrum(12, 10, [9.0, 4.0, 1.0])
+    A, B = svd_factors(W, 2, "second")
+    assert torch.allclose(A @ A.T, torch.eye(2, dtype=torch.float64))  # V_r^T, orthonormal rows
+    A, B = svd_factors(W, 2, "sqrt")
+    assert torch.allclose(A.norm(dim=1), torch.tensor([3.0, 2.0], dtype=torch.float64))
+    assert torch.allclose(B.norm(dim=0), torch.tensor([3.0, 2.0], dtype=torch.float64))
+
+
+def test_svd_factors_keep_dtype():
+    A, B = svd_factors(torch.randn(16, 8), 3)
+    assert A.dtype == B.dtype == torch.float32
+
+
+def test_low_rank_linear_output_and_params():
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40).double()
+    low = LowRankLinear.from_linear(lin, 6)
+    A, B = svd_factors(lin.weight.detach(), 6)
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    assert torch.allclose(low(x), x @ (B @ A).T + lin.bias, atol=1e-12)
+    assert torch.allclose(low.dense_weight(), B @ A, atol=1e-12)
+    assert sum(p.numel() for p in low.parameters()) == 6 * (40 + 24) + 40
+    assert low.rank == 6 and low.first.bias is None
+    full = LowRankLinear.from_linear(lin, 24)
+    assert torch.allclose(full(x), lin(x), atol=1e-10)
+
+
+def test_low_rank_conv_output():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 20, kernel_size=4, stride=4).double()
+    low = LowRankConv2d.from_conv(conv, 5)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    A, B = svd_factors(conv.weight.detach(), 5)  # (5, 48), (20, 5)
+    ref = F.conv2d(x, (B @ A).reshape(20, 3, 4, 4), conv.bias, stride=4)
+    assert torch.allclose(low(x), ref, atol=1e-12)
+    assert sum(p.numel() for p in low.parameters()) == 5 * (20 + 48) + 20
+    full = LowRankConv2d.from_conv(conv, 20)
+    assert torch.allclose(full(x), conv(x), atol=1e-10)
+
+
+def test_rank_for_ratio():
+    assert rank_for_ratio((30, 100), 0.1) == 3
+    assert rank_for_ratio((64, 32), 0.25) == 8
+    assert rank_for_ratio((64, 32), 0.26) == 9
+    assert rank_for_ratio((64, 32), 1.0) == 32
+    assert rank_for_ratio((8, 1, 4, 4), 0.5) == 4  # conv: min(8, 16)
+    with pytest.raises(VitcompressError):
+        rank_for_ratio((8, 8), 0.0)
+
+
+def test_rank_for_energy_on_known_spectrum():
+    S = torch.linalg.svdvals(known_spectrum(20, 10, [3.0, 2.0, 1.0, 1.0]))  # energies 9,4,1,1
+    assert rank_for_energy(S, 0.5) == 1
+    assert rank_for_energy(S, 9 / 15) == 1
+    assert rank_for_energy(S, 0.61) == 2
+    assert rank_for_energy(S, 13 / 15) == 2
+    assert rank_for_energy(S, 0.9) == 3
+    assert rank_for_energy(S, 0.95) == 4
+    assert rank_for_energy(S, 1.0) == 4
+    with pytest.raises(VitcompressError):
+        rank_for_energy(S, 1.5)
+
+
+def test_rank_for_budget():
+    # dense: 64*32 + 64 = 2112 params; rank r costs r*96 + 64
+    assert rank_for_budget((64, 32), 0.5) == 10  # 1056 - 64 = 992 -> 10
+    assert rank_for_budget((64, 32), 64 + 96 * 7) == 7
+    assert rank_for_budget((64, 32), 64 + 96 * 7 - 1) == 6
+    assert rank_for_budget((64, 32), 0.5, bias=False) == 10  # 1024 / 96
+    assert rank_for_budget((64, 32), 100) == 0
+    assert rank_for_budget((64, 32), 1.0) == 21
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rank=0), "rank"),
+        (dict(rank=2.5), "rank"),
+        (dict(rank_ratio=0.0), "rank_ratio.*\\(0, 1\\]"),
+        (dict(rank_ratio=1.5), "rank_ratio"),
+        (dict(energy=0.0), "energy"),
+        (dict(budget=2.0), "budget"),
+        (dict(), "exactly one"),
+        (dict(rank_ratio=0.5, energy=0.9), "exactly one.*rank_ratio, energy"),
+        (dict(rank_ratio=0.5, split="first"), "split"),
+        (dict(rank_ratio=0.5, targets="re:("), "regular expression"),
+    ],
+)
+def test_lowrank_config_rejects(kwargs, match):
+    with pytest.raises(VitcompressError, match=match):
+        LowRankConfig(**kwargs)
+
+
+def test_lowrank_config_from_dict():
+    cfg = LowRankConfig.from_dict({"energy": 0.9, "targets": ["a", "b"]})
+    assert cfg.targets == ("a", "b")
+    with pytest.raises(VitcompressError, match="unknown key.*'ratio'"):
+        LowRankConfig.from_dict({"ratio": 0.5})
+
+
+def test_factorize_mlp_skip_and_report():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    report = factorize_(model, LowRankConfig(rank=8, targets="*"))
+    assert report["0"] == (8, (8 * 96 + 64) / (32 * 64 + 64))
+    assert report["2"] == (4, "skipped")  # rank clipped to 4; 4*68 >= 64*4
+    assert isinstance(model[0], LowRankLinear) and isinstance(model[2], nn.Linear)
+    assert sum(p.numel() for p in model[0].parameters()) == 8 * (32 + 64) + 64
+    # a second pass does not factor the factors
+    assert factorize_(model, LowRankConfig(rank=2, targets="*")) == {"2": (2, (2 * 68 + 4) / 260)}
+
+
+def test_factorize_vit_patch_embed_and_mlp():
+    torch.manual_seed(0)
+    model = create_model("vit-nano", in_chans=1, num_classes=10).eval()
+    x = torch.randn(2, 1, 28, 28)
+    before = model(x)
+    dense = sum(p.numel() for p in model.parameters())
+    report = factorize_(model, LowRankConfig(rank_ratio=0.25))
+    assert set(report) == {"patch_embed.proj"} | {
+        f"blocks.{i}.mlp.{fc}" for i in range(4) for fc in ("fc1", "fc2")
+    }
+    assert report["patch_embed.proj"].rank == 4  # min(64, 1*4*4) = 16 -> 4
+    assert report["blocks.0.mlp.fc1"].rank == 16
+    assert isinstance(model.patch_embed.proj, LowRankConv2d)
+    assert isinstance(model.get_submodule("blocks.0.mlp.fc1.first"), nn.Linear)
+    assert model(x).shape == before.shape
+    assert sum(p.numel() for p in model.parameters()) < dense
+    # the structure can be rebuilt on a fresh model and loaded
+    fresh = create_model("vit-nano", in_chans=1, num_classes=10).eval()
+    restore_lowrank_(fresh, lowrank_ranks(model))
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_factorize_energy_one_is_exact():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 40)
+    with torch.no_grad():
+        lin.weight.copy_(known_spectrum(40, 6, [5.0, 1.0]).float())
+    model = nn.Sequential(lin)
+    x = torch.randn(3, 6)
+    before = model(x)
+    report = factorize_(model, LowRankConfig(energy=0.999, targets="0"))
+    assert report["0"].rank == 2
+    assert torch.allclose(model(x), before, atol=1e-5)
+    assert math.isclose(report["0"].kept, (2 * 46 + 40) / (240 + 40))
+
+
+def test_factorize_target_matching_nothing():
+    with pytest.raises(VitcompressError, match="matches no"):
+        factorize_(nn.Sequential(nn.Linear(4, 4)), LowRankConfig(rank=1))
