@@ -1,0 +1,207 @@
+"""Data sources: (float32 CHW normalised image, int label) pairs, with class names and stats.
+
+Spec strings:
+    fashion-mnist              the IDX files in /usr/share/datasets/fashion-mnist
+    fashion-mnist:DIR          the same four files (gzip or plain) in DIR
+    imagefolder:PATH           one sub-folder per class (RESISC45 layout), see ``imagefolder``
+    cifar10:PATH               the python pickles, PATH is cifar-10-batches-py or its parent
+
+Fashion-MNIST and CIFAR-10 come with their official test split (``seed`` and ``val_fraction``
+do not apply); an image folder without ``train/`` and ``val/`` is split per class by ``seed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vitcompress.data import cifar10, fashion_mnist, imagefolder, memory
+from vitcompress.data.transforms import ImageTransform
+from vitcompress.errors import VitcompressError
+
+__all__ = ["DataInfo", "load_data", "data_info", "make_loader", "parse_spec", "SPEC_FORMS"]
+
+SPEC_FORMS = "fashion-mnist, fashion-mnist:DIR, imagefolder:PATH or cifar10:PATH"
+DEFAULT_SIZE = {"fashion-mnist": 28, "cifar10": 32, "imagefolder": 224}
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model and a report need to know about a data source.
+
+    ``num_train`` and ``num_test`` count the samples as returned, after ``limit``.
+    """
+
+    name: str  # "fashion-mnist", "imagefolder", "cifar10"
+    spec: str  # the spec string as given
+    classes: list[str]
+    channels: int  # channels of the images as they come out
+    img_size: int  # side of the images as they come out
+    mean: tuple[float, ...]  # per output channel, 0..1 pixel scale
+    std: tuple[float, ...]
+    num_train: int
+    num_test: int
+
+
+def parse_spec(spec: str) -> tuple[str, Path | None]:
+    """``"kind[:PATH]"`` -> (kind, path or None); the path is split off at the first colon."""
+    kind, sep, rest = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind not in DEFAULT_SIZE:
+        raise VitcompressError(f"unknown data spec {spec!r}: use {SPEC_FORMS}")
+    if not sep or not rest.strip():
+        if kind != "fashion-mnist":
+            raise VitcompressError(f"data spec {spec!r} needs a path: {kind}:PATH")
+        return kind, None
+    return kind, Path(rest.strip()).expanduser()
+
+
+def _check(
+    img_size: int | None, val_fraction: float, limit: int | None, channels: int | None
+) -> None:
+    if img_size is not None and (not isinstance(img_size, int) or img_size < 1):
+        raise VitcompressError(f"img_size must be a positive integer, got {img_size!r}")
+    if not 0 < val_fraction < 1:
+        raise VitcompressError(
+            f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}"
+        )
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise VitcompressError(f"limit must be a positive integer or None, got {limit!r}")
+    if channels not in (None, 1, 3):
+        raise VitcompressError(f"channels must be 1 or 3, got {channels!r}")
+
+
+def load_data(
+    spec: str,
+    img_size: int | None = None,
+    *,
+    seed: int = 0,
+    augment: bool = True,
+    val_fraction: float = 0.2,
+    limit: int | None = None,
+    channels: int | None = None,
+    flip: bool = True,
+) -> tuple[Dataset, Dataset, DataInfo]:
+    """Training set (augmented when ``augment``), test/val set (never augmented), and info.
+
+    Args:
+        spec: where the data is, see the module docstring.
+        img_size: side of the square images that come out; None keeps the source's own
+            (28 fashion-mnist, 32 cifar10, 224 imagefolder).
+        seed: the per-class split of an image folder without ``train/``/``val/`` folders.
+        augment: random crop (padding ``img_size // 8``) and horizontal flip on training samples.
+        val_fraction: share of each class held out when an image folder is split here.
+        limit: keep only the first ``limit`` samples of each split (smoke runs, tests).
+        channels: 1 or 3 to convert (gray repeated to RGB, RGB to luminance); None keeps the
+            source's (1 for fashion-mnist, 3 otherwise).
+        flip: allow the horizontal flip when augmenting.
+    """
+    _check(img_size, val_fraction, limit, channels)
+    kind, path = parse_spec(spec)
+    size = img_size or DEFAULT_SIZE[kind]
+    if kind == "imagefolder":
+        assert path is not None
+        return _load_imagefolder(
+            spec, path, size, seed, augment, val_fraction, limit, channels, flip
+        )
+    if kind == "fashion-mnist":
+        train, test = fashion_mnist.load_arrays(path or fashion_mnist.DEFAULT_DIR)
+        classes, mean, std = fashion_mnist.CLASSES, fashion_mnist.MEAN, fashion_mnist.STD
+    else:
+        assert path is not None
+        train, test, classes = cifar10.load_arrays(path)
+        mean, std = cifar10.MEAN, cifar10.STD
+    out_channels = channels or train[0].shape[1]
+    tr, te, mean, std = memory.build(
+        train, test, classes, mean, std,
+        img_size=size, channels=out_channels, augment=augment, flip=flip, limit=limit,
+    )  # fmt: skip
+    info = DataInfo(kind, spec, list(classes), out_channels, size, mean, std, len(tr), len(te))
+    return tr, te, info
+
+
+def _load_imagefolder(
+    spec: str,
+    path: Path,
+    size: int,
+    seed: int,
+    augment: bool,
+    val_fraction: float,
+    limit: int | None,
+    channels: int | None,
+    flip: bool,
+) -> tuple[Dataset, Dataset, DataInfo]:
+    classes, train, val = imagefolder.scan(path, val_fraction, seed)
+    out_channels = channels or 3
+    mode = "L" if out_channels == 1 else "RGB"
+    mean, std = imagefolder.dataset_stats(train, size, mode)  # from the whole training split
+    if limit is not None:
+        train, val = train[:limit], val[:limit]
+    datasets = [
+        imagefolder.ImageFileDataset(
+            samples, classes, size, mode, ImageTransform(mean, std, augment=aug, flip=flip)
+        )
+        for samples, aug in ((train, augment), (val, False))
+    ]
+    info = DataInfo(
+        "imagefolder", spec, classes, out_channels, size, mean, std, len(train), len(val)
+    )
+    return datasets[0], datasets[1], info
+
+
+def data_info(
+    spec: str,
+    img_size: int | None = None,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    limit: int | None = None,
+    channels: int | None = None,
+) -> DataInfo:
+    """The ``DataInfo`` that ``load_data`` would give; reads only the headers for fashion-mnist.
+
+    An image folder still measures its mean and std (up to 500 images are read).
+    """
+    _check(img_size, val_fraction, limit, channels)
+    kind, path = parse_spec(spec)
+    if kind != "fashion-mnist":
+        return load_data(
+            spec, img_size, seed=seed, augment=False, val_fraction=val_fraction,
+            limit=limit, channels=channels,
+        )[2]  # fmt: skip
+    n_train, n_test, _ = fashion_mnist.split_sizes(path or fashion_mnist.DEFAULT_DIR)
+    c = channels or 1
+    if limit is not None:
+        n_train, n_test = min(n_train, limit), min(n_test, limit)
+    return DataInfo(
+        kind, spec, list(fashion_mnist.CLASSES), c, img_size or DEFAULT_SIZE[kind],
+        fashion_mnist.MEAN * c, fashion_mnist.STD * c, n_train, n_test,
+    )  # fmt: skip
+
+
+def make_loader(
+    ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0
+) -> DataLoader:
+    """A ``DataLoader`` whose shuffle order (and workers' augmentation seeds) follow ``seed``.
+
+    The generator advances each epoch: epochs differ from each other but repeat run to run.
+    With ``num_workers == 0`` augmentation draws from torch's global generator, so seed that too
+    (``torch.manual_seed``) for a repeatable run.
+    """
+    if batch_size < 1:
+        raise VitcompressError(f"batch_size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise VitcompressError(f"num_workers must be 0 or more, got {num_workers}")
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=g,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
