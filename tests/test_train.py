@@ -2,10 +2,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from vitcompress.data.sampler import EpochShuffleSampler
 from vitcompress.errors import VitcompressError
 from vitcompress.models import build_model, create_model
 from vitcompress.models.checkpoints import TRAIN_STATE, load_run
-from vitcompress.train import EpochShuffleSampler, TrainConfig, evaluate, lr_at, train
+from vitcompress.train import TrainConfig, evaluate, lr_at, train
 
 
 def _toy_data(n=256, seed=0):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -31,26 +32,6 @@ from vitcompress.models.checkpoints import (
 AfterStep = Callable[[int], None]
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """A shuffle whose order is a function of (seed, epoch) alone.
-
-    A run resumed at epoch k then sees exactly the order an unbroken run would have seen.
-    """
-
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
 @dataclass
 class TrainConfig:
     epochs: int = 5
@@ -66,6 +47,7 @@ class TrainConfig:
     distill_tau: float = 3.0
     seed: int = 0
     eval_every: int = 1  # evaluate on the test split every N epochs (and always at the end)
+    max_steps: int | None = None  # stop after this many optimizer steps (a fine-tuning budget)
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -193,6 +175,8 @@ def train(
     if steps_per_epoch == 0:
         raise VitcompressError("training data is empty")
     total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     start_epoch, history, elapsed_before = 0, [], 0.0
 
@@ -212,6 +196,8 @@ def train(
         loss_sum = 0.0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for x, y in bar:
+            if step >= total:
+                break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
@@ -244,8 +230,9 @@ def train(
             seen += y.numel()
             loss_sum += loss.item() * y.numel()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen}
-        last = epoch + 1 == cfg.epochs
+        entry = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                 "train_acc": correct / max(seen, 1)}  # fmt: skip
+        last = epoch + 1 == cfg.epochs or step >= total
         if test_loader is not None and (last or (epoch + 1) % cfg.eval_every == 0):
             ev = evaluate(model, test_loader, device)
             entry.update({"test_top1": ev["top1"], "test_loss": ev["loss"]})
@@ -258,10 +245,13 @@ def train(
             + (f", test top-1 {entry['test_top1']:.4f}" if "test_top1" in entry else "")
             + f" ({entry['wall_s']:.0f} s)"
         )
+        sys.stdout.flush()  # epoch lines reach a log file as they happen
         if out is not None:
             partial = {"history": history, "epochs_done": epoch + 1, "wall_s": entry["wall_s"]}
             save_run(out, model, run_config or {}, None)
             _save_train_state(out, opt, epoch + 1, partial)
+        if last:
+            break
     metrics.update(
         {
             "history": history,

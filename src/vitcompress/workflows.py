@@ -239,3 +239,124 @@ def evaluate_run(
 
 def copy_run(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def _calib_loader(data_cfg: dict, batch_size: int = 64):
+    """Training images without augmentation, in a fixed shuffled order, for calibration."""
+    from vitcompress.data import load_data, make_loader
+
+    train_ds, _, _ = load_data(
+        data_cfg["spec"],
+        img_size=data_cfg["img_size"],
+        seed=data_cfg.get("seed", 0),
+        augment=False,
+        limit=data_cfg.get("limit"),
+        channels=data_cfg.get("channels"),
+    )
+    return make_loader(train_ds, batch_size, shuffle=True, seed=data_cfg.get("seed", 0) + 1)
+
+
+def compress_run(
+    checkpoint: Path,
+    recipe,
+    out: Path,
+    data: str | None = None,
+    limit: int | None = None,
+    device: str = "auto",
+    force: bool = False,
+    speed: bool = True,
+) -> dict:
+    """Apply a recipe to a trained run directory, evaluate, measure, and write run dir ``out``.
+
+    Everything about the recipe (keys, values, layer patterns, teacher paths) is checked before
+    any work starts. ``metrics.json`` is written last, so a run directory with it is complete.
+    """
+    import copy
+    import time
+
+    from vitcompress.measure import compression_fields, speed_fields
+    from vitcompress.recipe import (
+        Recipe,
+        RecipeData,
+        apply_recipe,
+        check_recipe_names,
+        load_recipe,
+        needs_calibration,
+        needs_training,
+        parse_recipe,
+    )
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if not isinstance(recipe, Recipe):
+        recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    model, base_cfg = load_run(checkpoint)
+    if base_cfg.get("compression"):
+        raise VitcompressError(
+            f"{checkpoint} is already compressed; apply recipes to a dense trained run"
+        )
+    check_recipe_names(recipe, model)
+    _check_out(out, False, force)
+
+    data_cfg = dict(base_cfg["data"])
+    if data:
+        data_cfg["spec"] = data
+    if limit:
+        data_cfg["limit"] = limit
+    data_cfg["channels"] = base_cfg["model"]["in_chans"]
+    seed = int(data_cfg.get("seed", 0))
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    train_loader = test_loader = None
+    batch = max((s.config.batch_size for s in recipe.steps if s.kind == "finetune"), default=128)
+    train_loader, test_loader, info = loaders({**data_cfg, "augment": True}, batch)
+    if len(info.classes) != base_cfg["model"]["num_classes"]:
+        raise VitcompressError(
+            f"data {data_cfg['spec']} has {len(info.classes)} classes, the model "
+            f"{base_cfg['model']['num_classes']}"
+        )
+    calib = _calib_loader(data_cfg) if needs_calibration(recipe) else None
+    dense = copy.deepcopy(model)
+
+    def teacher_for(spec: str) -> nn.Module:
+        if spec == "self":
+            return dense
+        return load_teacher(Path(spec), base_cfg["model"])
+
+    records, reports = apply_recipe(
+        model,
+        recipe,
+        RecipeData(
+            train_loader=train_loader if needs_training(recipe) else None,
+            calib_loader=calib,
+            device=dev,
+            seed=seed,
+        ),
+        teacher_for,
+    )
+    model.to(dev)
+    metrics = {k: v for k, v in evaluate(model, test_loader, dev).items() if k != "samples"}
+    model.cpu()
+    config = {
+        **base_cfg,
+        "compression": records,
+        "recipe": recipe.to_dict(),
+        "recipe_hash": recipe.hash,
+        "base_checkpoint": str(checkpoint),
+        "versions": versions(),
+    }
+    shape = (config["model"]["in_chans"], config["model"]["img_size"], config["model"]["img_size"])
+    metrics.update(compression_fields(model, dense, recipe, config))
+    if speed:
+        metrics.update(speed_fields(model, recipe, shape))
+    metrics.update(
+        {
+            "recipe": recipe.name,
+            "recipe_hash": recipe.hash,
+            "seed": seed,
+            "steps": reports,
+            "wall_s": time.perf_counter() - t0,
+        }
+    )
+    save_run(out, model, config, metrics)
+    return metrics

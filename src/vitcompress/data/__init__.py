@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitcompress.data import cifar10, fashion_mnist, imagefolder, memory
+from vitcompress.data.sampler import EpochShuffleSampler
 from vitcompress.data.transforms import ImageTransform
 from vitcompress.errors import VitcompressError
 
@@ -187,7 +188,8 @@ def make_loader(
 ) -> DataLoader:
     """A ``DataLoader`` whose shuffle order (and workers' augmentation seeds) follow ``seed``.
 
-    The generator advances each epoch: epochs differ from each other but repeat run to run.
+    Epoch k is shuffled by (seed, k) (the training loop calls ``sampler.set_epoch``), so epochs
+    differ from each other, repeat run to run, and a resumed run sees the same order.
     With ``num_workers == 0`` augmentation draws from torch's global generator, so seed that too
     (``torch.manual_seed``) for a repeatable run.
     """
@@ -197,10 +199,12 @@ def make_loader(
         raise VitcompressError(f"num_workers must be 0 or more, got {num_workers}")
     g = torch.Generator()
     g.manual_seed(seed)
+    # the order of epoch k depends on (seed, k) alone, so --resume repeats it exactly
+    sampler = EpochShuffleSampler(len(ds), seed) if shuffle else None
     return DataLoader(
         ds,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         generator=g,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
