@@ -106,6 +106,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from vitcompress.workflows import compress_run
+
+    m = compress_run(
+        Path(args.checkpoint),
+        Path(args.recipe),
+        Path(args.out),
+        data=args.data,
+        limit=args.limit,
+        device=args.device,
+        force=args.force,
+        speed=not args.no_speed,
+    )
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(_metrics_line(m))
+    ratio = m["bytes_fp32"] / m["bytes_stored"] if m.get("bytes_stored") else float("nan")
+    lat = m.get("latency_ms_b1")
+    speed = (
+        f"latency b1 {lat:.2f} ms, {m['throughput_b32']:.1f} img/s at b32 on {m['runtime']}"
+        if lat is not None
+        else f"latency not measured: {m['runtime']} (no CPU kernel for {m['format']})"
+    )
+    print(
+        f"stored {m['bytes_stored']:,} bytes ({ratio:.2f}x smaller than fp32 "
+        f"{m['bytes_fp32']:,}); sparsity {m['sparsity'] * 100:.2f} %; {speed}"
+    )
+    print(f"run directory: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitcompress",
@@ -153,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compress", help="apply a recipe (YAML) to a trained run, evaluate, measure")
+    p.add_argument("--checkpoint", required=True, help="run directory of a trained model")
+    p.add_argument("--recipe", required=True, help="recipe YAML file")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--data", help="data spec (default: the checkpoint's own)")
+    p.add_argument("--limit", type=int, help="use only the first N images of each split")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
+    p.add_argument("--no-speed", action="store_true", help="skip latency/throughput measurement")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compress)
 
     return parser
 
