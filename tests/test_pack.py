@@ -1,0 +1,216 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vitcompress.errors import VitcompressError
+from vitcompress.lowrank import LowRankConfig, LowRankLinear, factorize_
+from vitcompress.models import build_model
+from vitcompress.pack import (
+    bytes_fp32,
+    bytes_stored,
+    decode_tensor,
+    encode_tensor,
+    load_packed,
+    pack_bits,
+    save_packed,
+    unpack_bits,
+)
+from vitcompress.quantize import QuantizeConfig, quantize_, to_int8_
+from vitcompress.sparse_exec import sparsify_for_inference_
+from vitcompress.sparsity import PruneConfig, get_masks, prune_
+
+
+def _calib():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 1, 16, 16, generator=g) for _ in range(2)]
+
+
+def _dense(cfg):
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def _pruned_24(cfg):
+    m = _dense(cfg)
+    prune_(m, PruneConfig(pattern="2:4"))
+    return m
+
+
+def _pruned_90(cfg):
+    m = _dense(cfg)
+    prune_(m, PruneConfig(sparsity=0.9))
+    return m
+
+
+def _lowrank(cfg):
+    m = _dense(cfg)
+    factorize_(m, LowRankConfig(rank_ratio=0.25))
+    return m
+
+
+def _int8(cfg):
+    m = _dense(cfg)
+    quantize_(m, QuantizeConfig(weights="int8", granularity="per_channel"), _calib())
+    return m
+
+
+def _int4_group(cfg):
+    m = _dense(cfg)
+    quantize_(m, QuantizeConfig(weights="int4", activations=None, granularity="per_group",
+                                group_size=16))  # fmt: skip
+    return m
+
+
+def _fp4(cfg):
+    m = _dense(cfg)
+    quantize_(m, QuantizeConfig(weights="fp4", activations=None))
+    return m
+
+
+def _int8_real_24(cfg):
+    m = _pruned_24(cfg)
+    quantize_(m, QuantizeConfig(), _calib())
+    to_int8_(m)
+    return m
+
+
+def _half(cfg):
+    return _dense(cfg).half()
+
+
+BUILDERS = {
+    "dense": _dense,
+    "2:4": _pruned_24,
+    "unstructured90": _pruned_90,
+    "lowrank": _lowrank,
+    "int8": _int8,
+    "int4_per_group": _int4_group,
+    "fp4": _fp4,
+    "2:4+int8_real": _int8_real_24,
+    "fp16": _half,
+}
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_round_trip_identical_logits_and_size(kind, tiny_vit_cfg, tmp_path):
+    model = BUILDERS[kind](tiny_vit_cfg)
+    path = tmp_path / "m.vcpack"
+    config = {"model": tiny_vit_cfg, "note": kind}
+    n = save_packed(model, path, config)
+    assert n == path.stat().st_size == bytes_stored(model, config)
+    loaded, cfg2 = load_packed(path)
+    assert cfg2 == config
+    x = torch.randn(3, 1, 16, 16, dtype=next(model.parameters()).dtype)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    want, got = model.state_dict(), loaded.state_dict()
+    assert list(want) == list(got)
+    for k in want:
+        assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), k
+    assert type(loaded.blocks[0].mlp.fc1) is type(model.blocks[0].mlp.fc1)
+
+
+def _payload(model, cfg, tmp_path) -> int:
+    """Bytes of the tensors in the file, without the JSON header (large for a tiny model)."""
+    path = tmp_path / "p.vcpack"
+    n = save_packed(model, path, cfg)
+    return n - 8 - int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_sizes_shrink_by_the_expected_factor(tiny_vit_cfg, tmp_path):
+    cfg = {"model": tiny_vit_cfg}
+    dense = _dense(tiny_vit_cfg)
+    base = _payload(dense, cfg, tmp_path)
+    # random fp32 weights take 4 bytes; zero biases and unit LayerNorm weights almost nothing
+    assert 0.95 * bytes_fp32(dense) < base <= bytes_fp32(dense)
+    linear_w = sum(m.weight.numel() for m in dense.modules() if isinstance(m, nn.Linear))
+    block_w = sum(
+        m.weight.numel() for n, m in dense.named_modules() if n.startswith("blocks.")
+        and isinstance(m, nn.Linear)
+    )  # fmt: skip
+    # int8: every Linear weight from 4 bytes to 1 (plus one fp32 scale per row)
+    saved = base - _payload(_int8(tiny_vit_cfg), cfg, tmp_path)
+    assert saved > 0.95 * 3 * linear_w
+    # int4 per group of 16: half a byte per weight plus a scale per 16 weights
+    saved4 = base - _payload(_int4_group(tiny_vit_cfg), cfg, tmp_path)
+    assert saved4 > 0.95 * (4 - 0.5 - 4 / 16) * linear_w
+    # 2:4: half the values (fp32) plus 2 bits per kept value; masks are not stored
+    saved24 = base - _payload(_pruned_24(tiny_vit_cfg), cfg, tmp_path)
+    assert saved24 > 0.95 * (2 - 0.25) * block_w
+    # 90 % unstructured: 10 % of the values plus a 1-bit mask per weight
+    saved90 = base - _payload(_pruned_90(tiny_vit_cfg), cfg, tmp_path)
+    assert saved90 > 0.95 * (4 - 0.4 - 0.125) * block_w
+
+
+def test_masks_are_rebuilt_not_stored(tiny_vit_cfg, tmp_path):
+    model = _pruned_90(tiny_vit_cfg)
+    with torch.no_grad():  # a kept weight that is exactly zero must stay "kept"
+        model.blocks[0].mlp.fc1.weight[model.blocks[0].mlp.fc1.weight_mask] *= 1
+        idx = model.blocks[0].mlp.fc1.weight_mask.nonzero()[0]
+        model.blocks[0].mlp.fc1.weight[tuple(idx)] = 0.0
+    save_packed(model, tmp_path / "p", {"model": tiny_vit_cfg})
+    loaded, _ = load_packed(tmp_path / "p")
+    masks, masks2 = get_masks(model), get_masks(loaded)
+    assert set(masks) == set(masks2) and masks
+    for k in masks:
+        assert torch.equal(masks[k], masks2[k])
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_pack_bits_round_trip(n):
+    rng = np.random.default_rng(n)
+    u = rng.integers(0, 2**n, size=1001, dtype=np.uint8)
+    p = pack_bits(u, n)
+    assert len(p) == -(-1001 * n // 8)
+    assert np.array_equal(unpack_bits(p, n, 1001), u)
+
+
+def test_encode_tensor_is_bit_exact_and_picks_nm_for_2of4():
+    t = torch.tensor([[0.0, -0.0, 1.5, float("nan")], [2.0, 0.0, 0.0, -3.0]])
+    meta, blobs = encode_tensor(t)
+    back, _ = decode_tensor(meta, blobs, [2, 4], torch.float32)
+    assert torch.equal(back.view(torch.int32), t.view(torch.int32))  # -0.0 and NaN kept
+    w = torch.randn(8, 16)
+    mask = torch.zeros(8, 16, dtype=torch.bool)
+    mask.view(-1, 4)[:, :2] = True
+    meta, blobs = encode_tensor(w * mask, mask)
+    assert (meta["layout"], meta["n"], meta["m"], meta["idx_bits"]) == ("nm", 2, 4, 2)
+    assert blobs["i"].numel() == 8 * 16 // 4 * 2 * 2 // 8  # 2 bits per kept position
+    assert meta["elem"]["codec"] == "raw" and blobs["v"].numel() == 64
+
+
+def test_tf32_and_fp16_values_take_3_and_2_bytes():
+    x = torch.randn(1000)
+    tf32 = ((x * 1e10).view(torch.int32) & ~0x1FFF).view(torch.float32)  # beyond fp16's range
+    meta, blobs = encode_tensor(tf32)
+    assert meta["elem"]["codec"] == "top3" and blobs["v"].numel() == 3000
+    meta, blobs = encode_tensor(x.half().float())
+    assert meta["elem"]["codec"] == "f16" and blobs["v"].nbytes == 2000
+
+
+def test_corrupt_or_missing_file_is_one_line_error(tiny_vit_cfg, tmp_path):
+    path = tmp_path / "m.vcpack"
+    save_packed(_int8(tiny_vit_cfg), path, {"model": tiny_vit_cfg})
+    data = path.read_bytes()
+    for bad in (data[: len(data) // 2], b"\x00" * 16, data[:8] + b"[" + data[9:]):
+        path.write_bytes(bad)
+        with pytest.raises(VitcompressError, match="corrupt packed file") as e:
+            load_packed(path)
+        assert "\n" not in str(e.value)
+    with pytest.raises(VitcompressError, match="not found"):
+        load_packed(tmp_path / "missing")
+
+
+def test_refuses_what_it_cannot_rebuild(tiny_vit_cfg, tmp_path):
+    model = _pruned_90(tiny_vit_cfg)
+    sparsify_for_inference_(model, min_sparsity=0.8)
+    with pytest.raises(VitcompressError, match="SparseLinear"):
+        save_packed(model, tmp_path / "s", {"model": tiny_vit_cfg})
+    with pytest.raises(VitcompressError, match="no 'model' section"):
+        save_packed(nn.Sequential(nn.Linear(2, 2)), tmp_path / "q", {})
+    odd = _dense(tiny_vit_cfg)
+    odd.blocks[0].mlp.fc1 = LowRankLinear(64, 128, 4)
+    odd.extra = nn.Linear(3, 3)  # not part of the model config describes
+    with pytest.raises(VitcompressError, match="extra"):
+        save_packed(odd, tmp_path / "o", {"model": tiny_vit_cfg})
