@@ -74,13 +74,17 @@ def latency_ms(
     }
 
 
-def _zero_fraction(model: nn.Module) -> float:
-    """Zeros among the weights of the layers that carry a pruning mask (0.0 if none)."""
+def _zero_fraction(model: nn.Module, layers: list[str]) -> float:
+    """Zeros among the weights of the pruned layers (0.0 if none).
+
+    The layers are named by the recipe's prune records: a later quantize step replaces the
+    module (and drops its mask buffer) but keeps the name and the zeros.
+    """
     total = zeros = 0
-    for m in model.modules():
-        if "weight_mask" in getattr(m, "_buffers", {}):
-            total += m.weight.numel()
-            zeros += int((m.weight == 0).sum())
+    for name in layers:
+        w = model.get_submodule(name).weight
+        total += w.numel()
+        zeros += int((w == 0).sum())
     return zeros / total if total else 0.0
 
 
@@ -102,6 +106,9 @@ def compression_fields(model: nn.Module, dense: nn.Module, recipe, config: dict)
             target = c.target_sparsity
         elif step.kind == "lowrank":
             ratio = c.rank_ratio
+    pruned = sorted(
+        {n for r in config.get("compression", []) if r["kind"] == "prune" for n in r["layers"]}
+    )
     ranks = [
         (m.rank, min(m.first.in_features, m.second.out_features))
         for m in model.modules()
@@ -118,7 +125,7 @@ def compression_fields(model: nn.Module, dense: nn.Module, recipe, config: dict)
         "activations": act,
         "pattern": pattern,
         "sparsity_target": target,
-        "sparsity": _zero_fraction(model),
+        "sparsity": _zero_fraction(model, pruned),
         "rank_ratio": ratio,
     }
 
