@@ -125,16 +125,71 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(_metrics_line(m))
     ratio = m["bytes_fp32"] / m["bytes_stored"] if m.get("bytes_stored") else float("nan")
     lat = m.get("latency_ms_b1")
-    speed = (
-        f"latency b1 {lat:.2f} ms, {m['throughput_b32']:.1f} img/s at b32 on {m['runtime']}"
-        if lat is not None
-        else f"latency not measured: {m['runtime']} (no CPU kernel for {m['format']})"
-    )
+    if "runtime" not in m:
+        speed = "speed not measured (--no-speed)"
+    elif lat is None:
+        speed = f"latency not measured: {m['runtime']} (no CPU kernel for {m['format']})"
+    else:
+        speed = f"latency b1 {lat:.2f} ms, {m['throughput_b32']:.1f} img/s at b32 on {m['runtime']}"
     print(
         f"stored {m['bytes_stored']:,} bytes ({ratio:.2f}x smaller than fp32 "
         f"{m['bytes_fp32']:,}); sparsity {m['sparsity'] * 100:.2f} %; {speed}"
     )
     print(f"run directory: {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vitcompress.export import export_cli
+
+    path = export_cli(Path(args.checkpoint), args.format, Path(args.out))
+    print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vitcompress.bench import bench_cli
+
+    if bool(args.checkpoint) == bool(args.model):
+        raise VitcompressError("give exactly one of --checkpoint RUN_DIR or --model PRESET")
+    rows = bench_cli(
+        Path(args.checkpoint) if args.checkpoint else None,
+        args.model,
+        args.img_size,
+        args.threads,
+        args.json,
+    )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vitcompress.sweep import run_sweep
+
+    run_sweep(
+        args.study,
+        Path(args.out),
+        jobs=args.jobs,
+        executor=args.executor,
+        address=args.address,
+        data=args.data,
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vitcompress.report import build_report
+
+    path = build_report(Path(args.results))
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vitcompress.demo import run_demo
+
+    run_demo(Path(args.out))
     return 0
 
 
@@ -197,6 +252,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speed", action="store_true", help="skip latency/throughput measurement")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="export a run as ONNX or as a packed checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory")
+    p.add_argument("--format", required=True, choices=["onnx", "packed"])
+    p.add_argument("--out", required=True, help="file to write (model.onnx / model.packed)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="latency and throughput on torch and onnxruntime")
+    p.add_argument("--checkpoint", help="run directory to benchmark")
+    p.add_argument("--model", help="a preset with random weights (speed only)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=0, help="threads (default: all cores)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sweep", help="run a whole study (grid of recipes) into SQLite, resumably")
+    p.add_argument(
+        "--study", required=True, help="study YAML, or a built-in: smoke, seed, seed-full"
+    )
+    p.add_argument("--out", required=True, help="directory for runs and results.sqlite")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray)")
+    p.add_argument("--data", help="data spec overriding the study's")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="plots and report.html from a sweep's results")
+    p.add_argument("results", help="sweep output directory (holding results.sqlite)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the main job: the seed study on Fashion-MNIST + report")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
 
     return parser
 
