@@ -1,0 +1,29 @@
+"""``vitcompress demo``: the ``seed`` study on Fashion-MNIST, its report, and the best runs.
+
+Resumable like any sweep: run it again and finished runs are skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from vitcompress.report import build_report, format_best
+from vitcompress.sweep import run_sweep
+
+
+def run_demo(out: Path = Path("runs/demo"), study: str = "seed", jobs: int = 1) -> None:
+    """Run ``study`` (default ``seed``) into ``out``, build the report, print the best runs."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    print(f"vitcompress demo: study {study!r} into {out} (finished runs are skipped)", flush=True)
+    rows = run_sweep(study, out, jobs=jobs)
+    report = build_report(out)
+    minutes = (time.perf_counter() - t0) / 60
+    print()
+    print(f"Five best runs by top-1 per size band (bytes as stored), {len(rows)} runs:")
+    print(format_best(rows, 5))
+    print()
+    print(f"report: {report.resolve()}")
+    print(f"plots:  {(out / 'plots').resolve()}")
+    print(f"demo finished in {minutes:.1f} min")

@@ -1,0 +1,1321 @@
+"""Studies: a grid of models x data x recipes, run into one SQLite file, resumable.
+
+A study is a YAML file (or a built-in name: ``smoke``, ``seed``, ``seed-full``)::
+
+    name: my-study
+    description: ViT and DeiT, formats x sparsity
+    data: fashion-mnist          # a data spec or a list of them; ``--data`` overrides it
+    limit: null                  # keep the first N images of each split (smoke runs only)
+    seed: 0
+    device: auto                 # where each run trains and evaluates: auto | cpu | cuda[:N]
+    speed: true                  # measure latency and throughput of every run (CPU)
+    resources: {cpus: 1, gpus: 0}   # what one run asks of a Ray cluster (--executor ray)
+    teachers:                    # trained once, used by the models below
+      resnet: {preset: resnet-micro, epochs: 2, lr: 2.0e-3}
+    models:                      # label: how to get its trained baseline
+      vit-nano:  {preset: vit-nano, epochs: 2}
+      deit-nano: {preset: deit-nano, epochs: 2, teacher: resnet, distill: hard}
+      mine:      {run: runs/my-vit}           # an existing trained run directory
+    recipes:                     # templates; each one expands over its grid
+      - name: dense-$format
+        grid:
+          format:                # an axis: a list of values, or a mapping label: value
+            fp32: {weights: fp32, activations: null}
+            int8: {weights: int8, activations: int8}
+        steps:
+          - quantize: $format
+      - name: cubic$sparsity-$format
+        grid:
+          sparsity: [0.5, 0.75]
+          format: {fp32: null, int8: {weights: int8, activations: int8}}
+        steps:
+          - prune: {sparsity: $sparsity, schedule: cubic}
+          - finetune: {max_steps: 100, lr: 5.0e-4, distill: $distill}
+          - quantize: $format    # a step that comes out null is left out
+      - name: svd$r
+        models: [vit-nano]       # only for these models (default: all)
+        grid: {r: [0.5, 0.25]}
+        steps:
+          - lowrank: {rank_ratio: $r}
+
+Model keys: ``preset`` or ``run``; training settings ``epochs``, ``lr``, ``batch_size``,
+``weight_decay``, ``warmup_epochs``, ``label_smoothing``, ``augment``, ``img_size``,
+``patch_size``, ``drop_path``; ``teacher`` (a label under ``teachers`` or ``models``, or a run
+directory) with ``distill`` (``hard`` or ``soft``, default hard), ``distill_alpha``,
+``distill_tau``. Teachers take the same keys.
+
+Substitution in a recipe template: a value that is exactly ``$axis`` becomes that axis' value (a
+number, a mapping, null); ``$axis`` (or ``${axis}``) inside a longer string becomes the value's
+label (the mapping key, or the value itself). Every combination of the axes is one recipe, in file
+order. Built-in variables: ``$distill`` is ``{teacher: <the model's teacher>, kind: <its distill
+kind>}`` for a model trained with a teacher and null otherwise (so a fine-tune distils exactly when
+the baseline did), ``$teacher`` the teacher run (or null), ``$model`` the model label. A step that
+comes out null is left out; the rest is a recipe as :mod:`vitcompress.recipe` reads it.
+
+Runs get stable ids ``<model>-<recipe>-<hash>``: the hash of the resolved run (baseline
+training settings, data, seed, recipe after substitution), never of the output directory, so the
+same study gives the same ids in every process. Baselines are trained once into
+``OUT/baselines/<hash>`` (a directory with ``metrics.json`` is done, one with
+``train_state.pt`` resumes), every run goes to ``OUT/runs/<id>`` (its log to ``OUT/logs``), and
+one row per run to ``OUT/results.sqlite`` (table ``runs``, primary key ``id``), committed when the
+run ends. A rerun skips finished rows (``ok``, and ``failed`` unless ``retry_failed``) and reruns
+the others, so an interrupted sweep (Ctrl-C, kill -9, power loss) loses nothing and duplicates
+nothing. Several sweeps may share one OUT at once (SQLite in WAL mode; a baseline is trained under
+a file lock; a run another live sweep has started is left to it).
+
+Latency is measured while other jobs run when ``jobs > 1``: use ``jobs=1`` for timings you report.
+With ``executor="ray"`` OUT must be on a file system every node sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import re
+import socket
+import sqlite3
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vitcompress.errors import VitcompressError
+
+BUILTIN = ("smoke", "seed", "seed-full")
+DB_NAME = "results.sqlite"
+TOP_KEYS = (
+    "name", "description", "data", "limit", "seed", "device", "speed", "resources", "teachers",
+    "models", "recipes",
+)  # fmt: skip
+RECIPE_KEYS = ("name", "description", "grid", "steps", "models")
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 5,
+    "lr": 1e-3,
+    "batch_size": 128,
+    "weight_decay": 0.05,
+    "warmup_epochs": 1.0,
+    "label_smoothing": 0.1,
+    "augment": True,
+    "img_size": None,
+    "patch_size": None,
+    "drop_path": 0.0,
+    "distill_alpha": 0.5,
+    "distill_tau": 3.0,
+}
+MODEL_KEYS = ("preset", "run", "teacher", "distill", *TRAIN_DEFAULTS)
+BUILTIN_VARS = ("distill", "teacher", "model")
+TEACHER_MARK = "@baseline:"  # a teacher reference inside a recipe, resolved to a path at run time
+
+# Result fields of a run (DESIGN.md), in the order the table shows them.
+RESULT_FIELDS = (
+    "top1", "top5", "loss", "params_total", "params_nonzero", "bytes_stored", "bytes_fp32",
+    "latency_ms_b1", "latency_ms_b1_p90", "throughput_b32", "runtime", "format", "activations",
+    "sparsity", "sparsity_target", "pattern", "rank_ratio", "recipe_hash", "seed", "wall_s",
+)  # fmt: skip
+ROW_FIELDS = (
+    "id", "study", "model", "family", "size", "preset", "data", "recipe", "status", "error",
+    "started_at", "ended_at", "worker", "cpu_s", "size_band", "base_top1", "base_params",
+    *RESULT_FIELDS, "config", "metrics", "traceback",
+)  # fmt: skip
+_TEXT = {
+    "id", "study", "model", "family", "size", "preset", "data", "recipe", "status", "error",
+    "started_at", "ended_at", "worker", "size_band", "runtime", "format", "activations", "pattern",
+    "recipe_hash", "config", "metrics", "traceback",
+}  # fmt: skip
+_INT = {"params_total", "params_nonzero", "bytes_stored", "bytes_fp32", "seed", "base_params"}
+
+# Size bands by bytes as stored: factors of 4 from 64 KiB, so nano/micro models spread over a few.
+BAND_EDGES = (64, 256, 1024, 4096, 16384, 65536, 262144)  # KiB
+
+
+def size_band(nbytes: int | float | None) -> str | None:
+    """The size band of a model stored in ``nbytes`` bytes: ``"<64 KB"``, ``"64-256 KB"``, ..."""
+    if nbytes is None:
+        return None
+    kib = nbytes / 1024
+    if kib < BAND_EDGES[0]:
+        return f"<{BAND_EDGES[0]} KB"
+    for lo, hi in itertools.pairwise(BAND_EDGES):
+        if kib < hi:
+            if hi < 1024:
+                return f"{lo}-{hi} KB"
+            if lo < 1024:
+                return f"{lo} KB-{hi // 1024} MB"
+            return f"{lo // 1024}-{hi // 1024} MB"
+    return f">={BAND_EDGES[-1] // 1024} MB"
+
+
+def band_order(band: str | None) -> int:
+    """Sort key of a size band (smallest first)."""
+    labels = [size_band(0)] + [size_band(e * 1024) for e in BAND_EDGES]
+    return labels.index(band) if band in labels else len(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Study files
+# --------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with ``1e-3`` read as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def builtin_study_path(name: str) -> Path:
+    return Path(str(resources.files("vitcompress.studies").joinpath(f"{name}.yaml")))
+
+
+def load_study(study: str | Path) -> tuple[dict, str]:
+    """The study mapping and where it came from: a built-in name or a YAML file."""
+    path = Path(study)
+    if not path.is_file():
+        if str(study) in BUILTIN:
+            path = builtin_study_path(str(study))
+        else:
+            raise VitcompressError(
+                f"study not found: {study} (a YAML file, or a built-in: {', '.join(BUILTIN)})"
+            )
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        first = str(e).replace("\n", " ")
+        raise VitcompressError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(data, Mapping):
+        raise VitcompressError(f"{path}: a study is a mapping with 'models' and 'recipes'")
+    return dict(data), str(path)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A trained model the runs start from: a preset trained here, or an existing run."""
+
+    label: str
+    hash: str
+    preset: str | None
+    run: str | None  # an existing run directory (absolute)
+    train: dict
+    teacher: str | None  # hash of the teacher baseline, or an absolute run directory
+    distill: str | None
+    data: str
+    limit: int | None
+    seed: int
+    family: str
+    size: str
+
+    def directory(self, out: Path) -> Path:
+        return Path(self.run) if self.run else Path(out) / "baselines" / self.hash
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a study: a baseline, a data spec and a recipe (teachers still symbolic)."""
+
+    id: str
+    study: str
+    model: str
+    recipe_name: str
+    recipe: dict
+    baseline: str  # hash
+    data: str
+    family: str
+    size: str
+    preset: str | None
+    config: dict
+
+
+@dataclass
+class Study:
+    name: str
+    source: str
+    runs: list[RunSpec]
+    baselines: dict[str, Baseline]
+    device: str = "auto"
+    speed: bool = True
+    resources: dict = field(default_factory=lambda: {"cpus": 1, "gpus": 0})
+
+    def run_ids(self) -> list[str]:
+        return [r.id for r in self.runs]
+
+
+def _digest(obj: Any, n: int = 12) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", s).strip("_") or "x"
+
+
+def _family_size(preset: str) -> tuple[str, str]:
+    fam, _, size = preset.partition("-")
+    if fam.startswith("resnet") and not size:
+        return "resnet", fam[len("resnet") :]
+    return fam, size
+
+
+def _check_keys(d: Mapping, valid: tuple[str, ...], where: str) -> None:
+    for k in d:
+        if k not in valid:
+            raise VitcompressError(f"{where}: unknown key {k!r}; valid keys: {', '.join(valid)}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_train(train: dict, where: str) -> None:
+    for k in ("epochs", "batch_size"):
+        if not _is_int(train[k]) or train[k] < 1:
+            raise VitcompressError(f"{where}: {k} must be an integer >= 1, got {train[k]!r}")
+    for k in ("img_size", "patch_size"):
+        if train[k] is not None and (not _is_int(train[k]) or train[k] < 1):
+            raise VitcompressError(f"{where}: {k} must be an integer >= 1, got {train[k]!r}")
+    for k in ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "drop_path",
+              "distill_alpha", "distill_tau"):  # fmt: skip
+        v = train[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise VitcompressError(f"{where}: {k} must be a number >= 0, got {v!r}")
+    if not train["lr"] > 0:
+        raise VitcompressError(f"{where}: lr must be > 0, got {train['lr']!r}")
+    if not isinstance(train["augment"], bool):
+        raise VitcompressError(f"{where}: augment must be true or false")
+
+
+def _resolve_models(
+    doc: dict, src: str, data: str, limit: int | None, seed: int
+) -> tuple[dict[str, Baseline], dict[str, str]]:
+    """All baselines (teachers and models) by hash, and the hash of each label."""
+    from vitcompress.models import PRESETS
+
+    entries: dict[str, tuple[str, dict]] = {}
+    for section in ("teachers", "models"):
+        block = doc.get(section) or {}
+        if not isinstance(block, Mapping):
+            raise VitcompressError(f"{src}: '{section}' must be a mapping of label: settings")
+        for label, spec in block.items():
+            where = f"{src}: {section}.{label}"
+            if label in entries:
+                raise VitcompressError(f"{where}: label {label!r} is used twice")
+            if not isinstance(spec, Mapping):
+                raise VitcompressError(f"{where}: expected a mapping like {{preset: vit-nano}}")
+            _check_keys(spec, MODEL_KEYS, where)
+            entries[str(label)] = (where, dict(spec))
+
+    by_label: dict[str, str] = {}
+    baselines: dict[str, Baseline] = {}
+
+    def resolve(label: str, stack: tuple[str, ...]) -> str:
+        if label in by_label:
+            return by_label[label]
+        where, spec = entries[label]
+        if label in stack:
+            raise VitcompressError(f"{where}: teacher cycle {' -> '.join((*stack, label))}")
+        if ("preset" in spec) == ("run" in spec):
+            raise VitcompressError(f"{where}: give exactly one of 'preset' or 'run'")
+        teacher_ref = distill = None
+        train = {k: spec.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
+        if "run" in spec:
+            extra = [k for k in spec if k != "run"]
+            if extra:
+                raise VitcompressError(f"{where}: {extra[0]!r} does not apply to an existing run")
+            run = Path(str(spec["run"])).expanduser().resolve()
+            if not (run / "config.json").is_file():
+                raise VitcompressError(
+                    f"{where}: run {run} is not a run directory (no config.json)"
+                )
+            cfg = json.loads((run / "config.json").read_text())
+            preset = str(cfg.get("model", {}).get("preset") or run.name)
+            fam, size = _family_size(preset)
+            h = _digest({"run": str(run)})
+            b = Baseline(label, h, None, str(run), {}, None, None, data, limit, seed, fam, size)
+        else:
+            preset = str(spec["preset"])
+            if preset not in PRESETS:
+                raise VitcompressError(
+                    f"{where}: unknown preset {preset!r}; presets: {', '.join(PRESETS)}"
+                )
+            _check_train(train, where)
+            if spec.get("teacher") is not None:
+                t = str(spec["teacher"])
+                if t in entries:
+                    teacher_ref = resolve(t, (*stack, label))
+                else:
+                    tp = Path(t).expanduser().resolve()
+                    if not (tp / "config.json").is_file():
+                        raise VitcompressError(
+                            f"{where}: teacher {t!r} is neither a label under teachers/models "
+                            "nor a run directory"
+                        )
+                    teacher_ref = str(tp)
+                distill = spec.get("distill", "hard")
+                if distill not in ("hard", "soft"):
+                    raise VitcompressError(
+                        f"{where}: distill must be hard or soft, not {distill!r}"
+                    )
+            elif spec.get("distill") is not None:
+                raise VitcompressError(f"{where}: distill needs a teacher")
+            fam, size = _family_size(preset)
+            ident = {"preset": preset, "train": train, "teacher": teacher_ref,
+                     "distill": distill, "data": data, "limit": limit, "seed": seed}  # fmt: skip
+            h = _digest(ident)
+            b = Baseline(label, h, preset, None, train, teacher_ref, distill, data, limit, seed,
+                         fam, size)  # fmt: skip
+        baselines.setdefault(b.hash, b)
+        by_label[label] = b.hash
+        return b.hash
+
+    for label in entries:
+        resolve(label, ())
+    return baselines, by_label
+
+
+_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def _substitute(obj: Any, values: dict[str, Any], labels: dict[str, str], where: str) -> Any:
+    if isinstance(obj, str):
+        whole = _VAR.fullmatch(obj)
+        if whole:
+            name = whole.group(1) or whole.group(2)
+            if name not in values:
+                raise VitcompressError(f"{where}: ${name} is not an axis of its grid")
+            return values[name]
+
+        def label(m: re.Match) -> str:
+            name = m.group(1) or m.group(2)
+            if name not in labels:
+                raise VitcompressError(f"{where}: ${name} is not an axis of its grid")
+            return labels[name]
+
+        return _VAR.sub(label, obj)
+    if isinstance(obj, Mapping):
+        return {k: _substitute(v, values, labels, where) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_substitute(v, values, labels, where) for v in obj]
+    return obj
+
+
+def _label(v: Any) -> str:
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _axes(grid: Any, where: str) -> list[tuple[str, list[tuple[str, Any]]]]:
+    if grid is None:
+        return []
+    if not isinstance(grid, Mapping):
+        raise VitcompressError(f"{where}: grid must be a mapping of axis: values")
+    axes = []
+    for name, vals in grid.items():
+        if not re.fullmatch(r"\w+", str(name)):
+            raise VitcompressError(f"{where}: grid axis {name!r} must be a plain word")
+        if name in BUILTIN_VARS:
+            raise VitcompressError(f"{where}: grid axis {name!r} is a built-in variable")
+        if isinstance(vals, Mapping):
+            items = [(str(k), v) for k, v in vals.items()]
+        elif isinstance(vals, list):
+            for v in vals:
+                if isinstance(v, (Mapping, list)):
+                    raise VitcompressError(
+                        f"{where}: grid axis {name!r} lists a {type(v).__name__}; give such "
+                        "values labels: {label: value, ...}"
+                    )
+            items = [(_label(v), v) for v in vals]
+        else:
+            items = [(_label(vals), vals)]
+        if not items:
+            raise VitcompressError(f"{where}: grid axis {name!r} has no values")
+        axes.append((str(name), items))
+    return axes
+
+
+def _uses(obj: Any) -> set[str]:
+    if isinstance(obj, str):
+        return {m.group(1) or m.group(2) for m in _VAR.finditer(obj)}
+    if isinstance(obj, Mapping):
+        return set().union(*(_uses(v) for v in obj.values())) if obj else set()
+    if isinstance(obj, list):
+        return set().union(*(_uses(v) for v in obj)) if obj else set()
+    return set()
+
+
+def _templates(doc: dict, src: str) -> list[tuple[str, dict, list]]:
+    """(where, template, axes) for every recipe template, checked."""
+    recipes = doc.get("recipes")
+    if not isinstance(recipes, list) or not recipes:
+        raise VitcompressError(f"{src}: 'recipes' must be a non-empty list of recipe templates")
+    out = []
+    for i, t in enumerate(recipes):
+        where = f"{src}: recipes[{i}]"
+        if not isinstance(t, Mapping):
+            raise VitcompressError(f"{where}: expected a mapping with name, steps and grid")
+        if "name" in t:
+            where = f"{src}: recipe {t['name']!r}"
+        _check_keys(t, RECIPE_KEYS, where)
+        if not isinstance(t.get("name"), str) or not t["name"]:
+            raise VitcompressError(f"{where}: 'name' is required (a string, may use $axis)")
+        if not isinstance(t.get("steps"), list) or not t["steps"]:
+            raise VitcompressError(f"{where}: 'steps' must be a non-empty list")
+        axes = _axes(t.get("grid"), where)
+        names = {a for a, _ in axes}
+        unused = names - _uses(t["steps"]) - _uses(t["name"])
+        if unused:
+            raise VitcompressError(f"{where}: grid axis {sorted(unused)[0]!r} is used nowhere")
+        if len(axes) > 0 and not (names & _uses(t["name"])) and len(list(_product(axes))) > 1:
+            raise VitcompressError(f"{where}: the name must use an axis ($axis) to tell runs apart")
+        out.append((where, dict(t), axes))
+    return out
+
+
+def _product(axes: list) -> Iterator[tuple[dict, dict]]:
+    names = [a for a, _ in axes]
+    for combo in itertools.product(*(items for _, items in axes)):
+        yield (
+            dict(zip(names, (v for _, v in combo), strict=True)),
+            dict(zip(names, (lab for lab, _ in combo), strict=True)),
+        )
+
+
+def _teacher_for_parse(obj: Any) -> Any:
+    """The recipe with symbolic teachers replaced by ``self``, for validation only."""
+    if isinstance(obj, str) and obj.startswith(TEACHER_MARK):
+        return "self"
+    if isinstance(obj, Mapping):
+        return {k: _teacher_for_parse(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_teacher_for_parse(v) for v in obj]
+    return obj
+
+
+def resolve_teachers(obj: Any, directory: Any) -> Any:
+    """Replace symbolic teachers (``@baseline:<hash>``) with ``directory(hash)`` (a path)."""
+    if isinstance(obj, str) and obj.startswith(TEACHER_MARK):
+        return str(directory(obj[len(TEACHER_MARK) :]))
+    if isinstance(obj, Mapping):
+        return {k: resolve_teachers(v, directory) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [resolve_teachers(v, directory) for v in obj]
+    return obj
+
+
+def expand_study(study: str | Path | dict, data: str | None = None) -> Study:
+    """Read and check a study, and expand it into its baselines and runs (nothing is run).
+
+    ``data`` replaces the study's data spec(s). Any problem is a one-line
+    :class:`VitcompressError` naming the file and the key.
+    """
+    from vitcompress.recipe import parse_recipe
+
+    if isinstance(study, Mapping):
+        doc, src = dict(study), "study"
+    else:
+        doc, src = load_study(study)
+    _check_keys(doc, TOP_KEYS, src)
+    name = doc.get("name") or Path(src).stem
+    if not isinstance(name, str):
+        raise VitcompressError(f"{src}: name must be a string")
+    datas = [data] if data else doc.get("data", "fashion-mnist")
+    datas = [datas] if isinstance(datas, str) else datas
+    if not isinstance(datas, list) or not datas or not all(isinstance(d, str) for d in datas):
+        raise VitcompressError(f"{src}: data must be a data spec or a list of them")
+    from vitcompress.data import parse_spec
+
+    for d in datas:
+        try:
+            parse_spec(d)
+        except VitcompressError as e:
+            raise VitcompressError(f"{src}: data: {e}") from None
+    limit = doc.get("limit")
+    if limit is not None and (not _is_int(limit) or limit < 1):
+        raise VitcompressError(f"{src}: limit must be an integer >= 1 or null, got {limit!r}")
+    seed = doc.get("seed", 0)
+    if not _is_int(seed):
+        raise VitcompressError(f"{src}: seed must be an integer, got {seed!r}")
+    device = str(doc.get("device", "auto"))
+    speed = doc.get("speed", True)
+    if not isinstance(speed, bool):
+        raise VitcompressError(f"{src}: speed must be true or false, got {speed!r}")
+    res = doc.get("resources") or {}
+    if not isinstance(res, Mapping):
+        raise VitcompressError(f"{src}: resources must be a mapping like {{cpus: 1, gpus: 0}}")
+    _check_keys(res, ("cpus", "gpus"), f"{src}: resources")
+    resources_ = {"cpus": res.get("cpus", 1), "gpus": res.get("gpus", 0)}
+    for k, v in resources_.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise VitcompressError(f"{src}: resources.{k} must be a number >= 0, got {v!r}")
+    models = doc.get("models")
+    if not isinstance(models, Mapping) or not models:
+        raise VitcompressError(f"{src}: 'models' must be a non-empty mapping of label: settings")
+    templates = _templates(doc, src)
+
+    baselines: dict[str, Baseline] = {}
+    runs: list[RunSpec] = []
+    seen: dict[str, str] = {}
+    for spec in datas:
+        bls, by_label = _resolve_models(doc, src, spec, limit, seed)
+        baselines.update(bls)
+        for label in models:
+            base = bls[by_label[str(label)]]
+            teacher = base.teacher
+            teacher_ref = (
+                None
+                if teacher is None
+                else (TEACHER_MARK + teacher if teacher in bls else str(teacher))
+            )
+            builtins = {
+                "distill": None
+                if teacher_ref is None
+                else {"teacher": teacher_ref, "kind": base.distill},
+                "teacher": teacher_ref,
+                "model": str(label),
+            }
+            for where, t, axes in templates:
+                only = t.get("models")
+                if only is not None:
+                    only = [only] if isinstance(only, str) else only
+                    bad = [m for m in only if m not in models]
+                    if bad:
+                        raise VitcompressError(f"{where}: models: {bad[0]!r} is not a model label")
+                    if label not in only:
+                        continue
+                for values, labels in _product(axes):
+                    values = {**{k: v for k, v in builtins.items()}, **values}
+                    labels = {**{k: _label(v) for k, v in builtins.items()}, **labels}
+                    rname = _substitute(t["name"], labels, labels, where)
+                    steps = [
+                        s
+                        for s in _substitute(t["steps"], values, labels, where)
+                        if not (isinstance(s, Mapping) and len(s) == 1 and None in s.values())
+                    ]
+                    if not steps:
+                        raise VitcompressError(f"{where}: recipe {rname!r} has no steps left")
+                    recipe = {"name": rname, "steps": steps}
+                    what = f"recipe {rname!r}"
+                    try:
+                        parse_recipe(_teacher_for_parse(recipe), what)
+                    except VitcompressError as e:
+                        msg = str(e) if str(e).startswith(what) else f"{what}: {e}"
+                        raise VitcompressError(f"{src}: {msg}") from None
+                    config = {
+                        "model": str(label),
+                        "baseline": base.hash,
+                        "data": spec,
+                        "limit": limit,
+                        "seed": seed,
+                        "recipe": recipe,
+                    }
+                    rid = f"{_safe(str(label))}-{_safe(rname)}-{_digest(config, 8)}"
+                    key = f"{label}/{rname}/{spec}"
+                    if key in seen:
+                        raise VitcompressError(
+                            f"{where}: recipe name {rname!r} comes out twice for model {label}; "
+                            "put every axis in the name"
+                        )
+                    seen[key] = rid
+                    runs.append(
+                        RunSpec(
+                            rid,
+                            name,
+                            str(label),
+                            rname,
+                            recipe,
+                            base.hash,
+                            spec,
+                            base.family,
+                            base.size,
+                            base.preset,
+                            config,
+                        )  # fmt: skip
+                    )
+    return Study(name, src, runs, baselines, device, speed, resources_)
+
+
+# --------------------------------------------------------------------------------------------
+# The results store
+# --------------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _col_type(name: str) -> str:
+    return "TEXT" if name in _TEXT else "INTEGER" if name in _INT else "REAL"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to a results file (created if missing): WAL, long busy timeout."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(str(path), timeout=120, isolation_level=None)
+    con.row_factory = sqlite3.Row
+    con.execute("PRAGMA busy_timeout=120000")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    cols = ", ".join(
+        f"{c} {_col_type(c)}" + (" PRIMARY KEY" if c == "id" else "") for c in ROW_FIELDS
+    )
+    con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+    have = {r["name"] for r in con.execute("PRAGMA table_info(runs)")}
+    for c in ROW_FIELDS:
+        if c not in have:  # a results file from an older version
+            with contextlib.suppress(sqlite3.OperationalError):  # a concurrent sweep added it
+                con.execute(f"ALTER TABLE runs ADD COLUMN {c} {_col_type(c)}")
+    return con
+
+
+def upsert(con: sqlite3.Connection, row: dict) -> None:
+    """Insert or update one row (by id) in one committed transaction."""
+    row = {k: v for k, v in row.items() if k in ROW_FIELDS}
+    cols = list(row)
+    sets = ", ".join(f"{c}=excluded.{c}" for c in cols if c != "id")
+    sql = (
+        f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+        f"ON CONFLICT(id) DO UPDATE SET {sets}"
+    )
+    vals = [json.dumps(v, default=str) if isinstance(v, (dict, list)) else v for v in row.values()]
+    con.execute(sql, vals)
+
+
+def read_results(path: Path, study: str | None = None) -> list[dict]:
+    """All rows of a results file (or of one study in it), as dicts; JSON columns decoded."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DB_NAME
+    if not path.is_file():
+        raise VitcompressError(f"no results file at {path}")
+    con = connect(path)
+    try:
+        q = "SELECT * FROM runs" + (" WHERE study = ?" if study else "") + " ORDER BY rowid"
+        rows = [dict(r) for r in con.execute(q, (study,) if study else ())]
+    finally:
+        con.close()
+    for r in rows:
+        for k in ("config", "metrics"):
+            if isinstance(r.get(k), str):
+                with contextlib.suppress(json.JSONDecodeError):
+                    r[k] = json.loads(r[k])
+    return rows
+
+
+def _select(con: sqlite3.Connection, ids: list[str], cols: str = "*") -> dict[str, dict]:
+    """Rows by id for these ids (JSON columns decoded)."""
+    out: dict[str, dict] = {}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        for r in con.execute(f"SELECT {cols} FROM runs WHERE id IN ({marks})", chunk):
+            r = dict(r)
+            for k in ("config", "metrics"):
+                if isinstance(r.get(k), str):
+                    with contextlib.suppress(json.JSONDecodeError):
+                        r[k] = json.loads(r[k])
+            out[r["id"]] = r
+    return out
+
+
+def _rows_by_id(con: sqlite3.Connection, ids: list[str]) -> dict[str, dict]:
+    return _select(con, ids, "id, status, started_at, worker")
+
+
+# --------------------------------------------------------------------------------------------
+# Work: train a baseline, compress a run (executed in this process, a pool worker or a Ray task)
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, VitcompressError):
+        return str(e).replace("\n", " ")
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (POSIX flock; a no-op where there is none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train_baseline(task: dict) -> dict:
+    from vitcompress.models.checkpoints import METRICS, TRAIN_STATE, read_json
+    from vitcompress.workflows import train_run
+
+    out = Path(task["dir"])
+    with _file_lock(out.parent.parent / ".locks" / f"{out.name}.lock"):
+        if (out / METRICS).is_file():
+            return read_json(out / METRICS)
+        b = task["baseline"]
+        resume = (out / TRAIN_STATE).is_file() and (out / "config.json").is_file()
+        tr = dict(b["train"])
+        return train_run(
+            model=b["preset"],
+            data=b["data"],
+            out=out,
+            epochs=tr["epochs"],
+            batch_size=tr["batch_size"],
+            lr=tr["lr"],
+            weight_decay=tr["weight_decay"],
+            warmup_epochs=tr["warmup_epochs"],
+            label_smoothing=tr["label_smoothing"],
+            img_size=tr["img_size"],
+            patch_size=tr["patch_size"],
+            teacher=Path(task["teacher_dir"]) if task.get("teacher_dir") else None,
+            distill=b["distill"],
+            distill_alpha=tr["distill_alpha"],
+            distill_tau=tr["distill_tau"],
+            augment=tr["augment"],
+            seed=b["seed"],
+            limit=b["limit"],
+            resume=resume,
+            force=not resume,
+            device=task["device"],
+            drop_path=tr["drop_path"],
+        )
+
+
+def _compress(task: dict) -> dict:
+    from vitcompress.workflows import compress_run
+
+    return compress_run(
+        Path(task["base_dir"]),
+        task["recipe"],
+        Path(task["dir"]),
+        device=task["device"],
+        force=True,
+        speed=task.get("speed", True),
+    )
+
+
+def execute(task: dict) -> dict:
+    """Do one task (``kind`` train or compress) and report; never raises but for Ctrl-C.
+
+    Output goes to ``task["log"]``; torch uses ``task["threads"]`` threads.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(task.get("threads") or threads)))
+    started = _now()
+    t0, c0 = time.perf_counter(), time.process_time()
+    result: dict = {"key": task["key"], "started_at": started, "worker": _worker_name()}
+    log = Path(task["log"])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(log, "a", buffering=1) as f, contextlib.redirect_stdout(f), \
+                contextlib.redirect_stderr(f):  # fmt: skip
+            print(f"--- {started} {task['kind']} {task['key']} on {result['worker']}")
+            try:
+                metrics = _train_baseline(task) if task["kind"] == "train" else _compress(task)
+                result.update(status="ok", metrics=_jsonable(metrics))
+            except Exception as e:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
+                result.update(status="failed", error=_one_line(e),
+                              traceback=traceback.format_exc())  # fmt: skip
+                print(traceback.format_exc())
+    finally:
+        torch.set_num_threads(threads)
+    result["ended_at"] = _now()
+    result["seconds"] = time.perf_counter() - t0
+    result["cpu_s"] = time.process_time() - c0
+    return result
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------------------------
+# Executors: submit tasks, get results back one at a time, as they finish
+# --------------------------------------------------------------------------------------------
+
+
+class _Serial:
+    """In this process, one task at a time."""
+
+    width = 1
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._queue: list[dict] = []
+
+    def submit(self, task: dict) -> None:
+        self._queue.append({**task, "threads": self.threads})
+
+    def next_done(self) -> dict:
+        return execute(self._queue.pop(0))
+
+    def close(self) -> None:
+        self._queue.clear()
+
+
+def _init_worker(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+class _Pool:
+    """``jobs`` worker processes (spawned: no forked torch state)."""
+
+    def __init__(self, jobs: int, threads: int):
+        self.width = jobs
+        self.threads = threads
+        self._pending: dict[Any, dict] = {}
+        self._pool = self._new_pool()
+
+    def _new_pool(self):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(
+            self.width, mp.get_context("spawn"), initializer=_init_worker,
+            initargs=(self.threads,),
+        )  # fmt: skip
+
+    def submit(self, task: dict) -> None:
+        task = {**task, "threads": self.threads}
+        self._pending[self._pool.submit(execute, task)] = task
+
+    def next_done(self) -> dict:
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        done, _ = wait(list(self._pending), return_when=FIRST_COMPLETED)
+        fut = next(iter(done))
+        task = self._pending.pop(fut)
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            # a worker died (killed, out of memory): every task in flight is lost with it
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            lost = list(self._pending.values())
+            self._pending.clear()
+            self._pool = self._new_pool()
+            for t in lost:
+                self.submit(t)
+            return _died(task, "a worker process died while this ran (killed, out of memory?)")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pending.clear()
+
+
+def _died(task: dict, why: str) -> dict:
+    now = _now()
+    return {"key": task["key"], "status": "failed", "error": why, "started_at": None,
+            "ended_at": now, "worker": None}  # fmt: skip
+
+
+class _Ray:
+    """One Ray task per run, with its CPU/GPU needs; results come back to this driver."""
+
+    def __init__(self, jobs: int, address: str | None, resources_: dict, threads: int | None):
+        try:
+            import ray
+        except ImportError:
+            raise VitcompressError(
+                "the ray executor needs Ray: pip install 'vitcompress[ray]'"
+            ) from None
+        self.ray = ray
+        self._own = not ray.is_initialized()
+        if self._own:
+            kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=_cores(), **kwargs)
+        cpus = float(resources_.get("cpus", 1)) or 1.0
+        gpus = float(resources_.get("gpus", 0))
+        self.threads = threads or max(1, int(cpus))
+        total = float(ray.cluster_resources().get("CPU", cpus))
+        self.width = max(jobs, int(total // cpus), 1)
+        self._remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(execute)
+        self._pending: dict[Any, dict] = {}
+
+    def submit(self, task: dict) -> None:
+        task = {**task, "threads": self.threads}
+        ref = self._remote.remote(task)
+        self._pending[ref] = task
+
+    def next_done(self) -> dict:
+        ready, _ = self.ray.wait(list(self._pending), num_returns=1)
+        task = self._pending.pop(ready[0])
+        try:
+            return self.ray.get(ready[0])
+        except Exception as e:  # noqa: BLE001 - a lost worker or node: record it
+            return _died(task, f"Ray task failed: {_one_line(e)}")
+
+    def close(self) -> None:
+        for ref in self._pending:
+            with contextlib.suppress(Exception):
+                self.ray.cancel(ref, force=True)
+        self._pending.clear()
+        if self._own:
+            self.ray.shutdown()
+
+
+def _executor(kind: str, jobs: int, address: str | None, study: Study, threads: int | None):
+    if kind == "local":
+        threads = threads or max(1, _cores() // jobs)
+        return _Serial(threads) if jobs == 1 else _Pool(jobs, threads)
+    if kind == "ray":
+        return _Ray(jobs, address, study.resources, threads)
+    raise VitcompressError(f"unknown executor {kind!r}: use local or ray")
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------
+
+
+def run_sweep(
+    study: str | Path | dict,
+    out: Path,
+    jobs: int = 1,
+    executor: str = "local",
+    address: str | None = None,
+    data: str | None = None,
+    retry_failed: bool = False,
+    threads: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Run every run of ``study`` not yet finished in ``out``; return the study's rows.
+
+    Trains each baseline and teacher once, runs the rest through ``executor`` (``local``
+    with ``jobs`` processes, or ``ray`` at ``address`` / a local Ray instance), commits one row
+    per run to ``out/results.sqlite`` as it ends, shows a progress bar over runs and prints a
+    summary table. ``data`` overrides the study's data; ``retry_failed`` reruns failed runs too;
+    ``threads`` sets torch's threads per run (default: cores // jobs locally, the task's cpus on
+    Ray). ``study`` is a built-in name, a YAML file or an already parsed mapping.
+    """
+    from tqdm import tqdm
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise VitcompressError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if executor not in ("local", "ray"):
+        raise VitcompressError(f"unknown executor {executor!r}: use local or ray")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):  # fmt: skip
+        raise VitcompressError(f"threads must be an integer >= 1, got {threads!r}")
+    st = expand_study(study, data=data)
+    _check_data_paths(st)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    con = connect(out / DB_NAME)
+    me = _worker_name()
+    t_start = _now()
+    try:
+        existing = _rows_by_id(con, st.run_ids())
+        done_states = ("ok",) if retry_failed else ("ok", "failed")
+        pending = [r for r in st.runs if existing.get(r.id, {}).get("status") not in done_states]
+        skipped = len(st.runs) - len(pending)
+        needed = _needed_baselines(st, pending, out)
+        bar = tqdm(total=len(pending) + len(needed), desc=f"sweep {st.name}", unit="run",
+                   disable=not progress or None, file=sys.stderr,
+                   dynamic_ncols=True)  # fmt: skip
+        counts = {"ok": 0, "failed": 0, "elsewhere": 0}
+        ex = _executor(executor, jobs, address, st, threads) if (pending or needed) else None
+        try:
+            base_errors, base_metrics = _run_baselines(st, needed, out, ex, bar)
+            todo = list(pending)
+            inflight = 0
+
+            def submit_next() -> bool:
+                while todo:
+                    r = todo.pop(0)
+                    row = _rows_by_id(con, [r.id]).get(r.id, {})
+                    if row.get("status") in done_states or (
+                        row.get("status") == "running"
+                        and (row.get("started_at") or "") > t_start
+                        and row.get("worker") != me
+                    ):
+                        counts["elsewhere"] += 1  # another sweep finished it or is on it
+                        bar.update(1)
+                        continue
+                    meta = _meta_row(r, st, out, base_metrics)
+                    if r.baseline in base_errors:
+                        now = _now()
+                        upsert(con, {**meta, "status": "failed", "started_at": now,
+                                     "ended_at": now, "worker": me,
+                                     "error": f"baseline: {base_errors[r.baseline]}"})  # fmt: skip
+                        counts["failed"] += 1
+                        bar.update(1)
+                        continue
+                    upsert(con, {**meta, "status": "running", "started_at": _now(),
+                                 "ended_at": None, "error": None, "traceback": None,
+                                 "worker": me})  # fmt: skip
+                    ex.submit(_run_task(r, st, out))
+                    return True
+                return False
+
+            runs_by_id = {r.id: r for r in pending}
+            while ex is not None:
+                while inflight < ex.width and submit_next():
+                    inflight += 1
+                if inflight == 0:
+                    break
+                res = ex.next_done()
+                inflight -= 1
+                r = runs_by_id[res["key"]]
+                row = _result_row(r, st, out, base_metrics, res)
+                upsert(con, row)
+                counts[row["status"]] = counts.get(row["status"], 0) + 1
+                bar.update(1)
+                bar.set_postfix(ok=counts["ok"], failed=counts["failed"], refresh=False)
+        finally:
+            bar.close()
+            if ex is not None:
+                ex.close()
+        rows = _study_rows(con, st)
+    finally:
+        con.close()
+    _print_summary(st, rows, out, skipped, counts)
+    return rows
+
+
+def _check_data_paths(st: Study) -> None:
+    from vitcompress.data import parse_spec
+
+    for spec in dict.fromkeys(r.data for r in st.runs):
+        _, path = parse_spec(spec)
+        if path is not None and not path.exists():
+            raise VitcompressError(
+                f"study {st.name}: data {spec!r}: {path} does not exist; pass --data "
+                "KIND:PATH (e.g. imagefolder:/data/NWPU-RESISC45)"
+            )
+
+
+def _needed_baselines(st: Study, pending: list[RunSpec], out: Path) -> list[Baseline]:
+    """Baselines the pending runs need that are not trained yet, teachers before students."""
+    from vitcompress.models.checkpoints import METRICS
+
+    order: list[Baseline] = []
+
+    def visit(h: str) -> None:
+        b = st.baselines[h]
+        if b in order:
+            return
+        if b.teacher in st.baselines:
+            visit(b.teacher)
+        if b.run is None and not (b.directory(out) / METRICS).is_file():
+            order.append(b)
+
+    for r in pending:
+        visit(r.baseline)
+        rec_teachers = set(re.findall(re.escape(TEACHER_MARK) + r"(\w+)", json.dumps(r.recipe)))
+        for h in rec_teachers:
+            visit(h)
+    return order
+
+
+def _run_baselines(
+    st: Study, needed: list[Baseline], out: Path, ex, bar
+) -> tuple[dict[str, str], dict[str, dict]]:
+    """Train the baselines (in waves: a student waits for its teacher); errors by hash."""
+    from vitcompress.models.checkpoints import METRICS
+
+    errors: dict[str, str] = {}
+    metrics: dict[str, dict] = {}
+    left = list(needed)
+    while left:
+        wave = [b for b in left if b.teacher not in {x.hash for x in left}]
+        left = [b for b in left if b not in wave]
+        for b in wave:
+            if b.teacher in errors:
+                errors[b.hash] = f"teacher {st.baselines[b.teacher].label}: {errors[b.teacher]}"
+                bar.update(1)
+        wave = [b for b in wave if b.hash not in errors]
+        while wave:
+            batch, wave = wave[: ex.width], wave[ex.width :]
+            for b in batch:
+                bar.set_description(f"training {b.label}")
+                ex.submit(_train_task(b, st, out))
+            for _ in batch:
+                res = ex.next_done()
+                if res["status"] != "ok":
+                    errors[res["key"]] = res.get("error") or "failed"
+                else:
+                    metrics[res["key"]] = res["metrics"]
+                bar.update(1)
+    bar.set_description(f"sweep {st.name}")
+    for h, b in st.baselines.items():
+        f = b.directory(out) / METRICS
+        if h not in metrics and f.is_file():
+            with contextlib.suppress(json.JSONDecodeError, OSError):
+                metrics[h] = json.loads(f.read_text())
+    return errors, metrics
+
+
+def _train_task(b: Baseline, st: Study, out: Path) -> dict:
+    teacher_dir = None
+    if b.teacher is not None:
+        tb = st.baselines.get(b.teacher)
+        teacher_dir = str(tb.directory(out)) if tb else b.teacher
+    return {
+        "kind": "train",
+        "key": b.hash,
+        "dir": str(b.directory(out)),
+        "teacher_dir": teacher_dir,
+        "baseline": {
+            "preset": b.preset, "train": b.train, "distill": b.distill, "data": b.data,
+            "limit": b.limit, "seed": b.seed,
+        },
+        "device": st.device,
+        "log": str(out / "logs" / f"baseline-{_safe(b.label)}-{b.hash}.log"),
+    }  # fmt: skip
+
+
+def _run_task(r: RunSpec, st: Study, out: Path) -> dict:
+    def directory(h: str) -> Path:
+        return st.baselines[h].directory(out)
+
+    return {
+        "kind": "compress",
+        "key": r.id,
+        "dir": str(out / "runs" / r.id),
+        "base_dir": str(directory(r.baseline)),
+        "recipe": resolve_teachers(r.recipe, directory),
+        "device": st.device,
+        "speed": st.speed,
+        "log": str(out / "logs" / f"{r.id}.log"),
+    }
+
+
+def _meta_row(r: RunSpec, st: Study, out: Path, base_metrics: dict) -> dict:
+    bm = base_metrics.get(r.baseline, {})
+    return {
+        "id": r.id,
+        "study": r.study,
+        "model": r.model,
+        "family": r.family,
+        "size": r.size,
+        "preset": r.preset,
+        "data": r.data,
+        "recipe": r.recipe_name,
+        "base_top1": bm.get("top1"),
+        "base_params": bm.get("params_total"),
+        "config": {
+            **r.config,
+            "baseline_dir": str(st.baselines[r.baseline].directory(out)),
+            "run_dir": str(out / "runs" / r.id),
+        },  # fmt: skip
+    }
+
+
+def _result_row(r: RunSpec, st: Study, out: Path, base_metrics: dict, res: dict) -> dict:
+    row = {
+        **_meta_row(r, st, out, base_metrics),
+        "status": res["status"],
+        "error": res.get("error"),
+        "traceback": res.get("traceback"),
+        "started_at": res.get("started_at"),
+        "ended_at": res.get("ended_at"),
+        "worker": res.get("worker"),
+        "cpu_s": res.get("cpu_s"),
+    }
+    m = res.get("metrics") or {}
+    for k in RESULT_FIELDS:
+        row[k] = m.get(k)
+    row["metrics"] = m or None
+    row["size_band"] = size_band(m.get("bytes_stored"))
+    return row
+
+
+def _study_rows(con: sqlite3.Connection, st: Study) -> list[dict]:
+    rows = _select(con, st.run_ids())
+    return [rows[i] for i in st.run_ids() if i in rows]
+
+
+def _fmt(v: Any, kind: str) -> str:
+    if v is None:
+        return "-"
+    if kind == "pct":
+        return f"{v * 100:.2f}"
+    if kind == "kb":
+        return f"{v / 1024:,.1f}"
+    if kind == "ms":
+        return f"{v:.2f}"
+    return str(v)
+
+
+def summary_table(rows: list[dict]) -> str:
+    """A plain-text table of runs: model, recipe, status, top-1, size, latency."""
+    head = ("model", "recipe", "status", "top-1 %", "KB stored", "ms b1", "sparsity %")
+    lines = [
+        (
+            r["model"], r["recipe"], r["status"], _fmt(r.get("top1"), "pct"),
+            _fmt(r.get("bytes_stored"), "kb"), _fmt(r.get("latency_ms_b1"), "ms"),
+            _fmt(r.get("sparsity"), "pct"),
+        )
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h)
+              for i, h in enumerate(head)]  # fmt: skip
+
+    def line(cells: tuple) -> str:
+        return "  ".join(
+            c.ljust(w) if i < 3 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(head), line(tuple("-" * w for w in widths)), *map(line, lines)])
+
+
+def _print_summary(st: Study, rows: list[dict], out: Path, skipped: int, counts: dict) -> None:
+    by = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "failed", "running")}
+    print(summary_table(rows))
+    ran = counts.get("ok", 0) + counts.get("failed", 0)
+    extra = f", {counts['elsewhere']} left to another sweep" if counts.get("elsewhere") else ""
+    print(
+        f"study {st.name}: {len(st.runs)} runs, {by['ok']} ok, {by['failed']} failed, "
+        f"{by['running']} running, {len(st.runs) - len(rows)} not started; this sweep ran {ran}, "
+        f"skipped {skipped} finished{extra}; results in {out / DB_NAME}"
+    )
+    for r in rows:
+        if r["status"] == "failed":
+            print(f"  failed {r['id']}: {r.get('error')}")

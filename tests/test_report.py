@@ -1,0 +1,165 @@
+"""The report: plots and a self-contained HTML page from a results file."""
+
+import re
+import struct
+
+import pytest
+
+from vitcompress.report import best_per_band, build_report, describe, format_best, pareto_front
+from vitcompress.sweep import DB_NAME, band_order, connect, size_band, upsert
+
+SPARSITIES = (0.5, 0.75, 0.875, 0.9375, 0.96875)
+
+
+def _row(i: int, model: str, name: str, steps: list, top1: float, nbytes: int, **kw) -> dict:
+    fmt, act, pattern, target, ratio = "fp32", None, None, 0.0, None
+    for s in steps:
+        ((kind, c),) = s.items()
+        if kind == "quantize":
+            fmt, act = c["weights"], c.get("activations")
+        elif kind == "prune":
+            pattern = c.get("pattern", "unstructured")
+            target = c.get("sparsity", 0.5)
+        elif kind == "lowrank":
+            ratio = c["rank_ratio"]
+    params = 139_018 if ratio is None else int(139_018 * (0.4 + ratio))
+    return {
+        "id": f"{model}-{name}-{i:08x}",
+        "study": "synthetic",
+        "model": model,
+        "family": model.split("-")[0],
+        "size": "nano",
+        "recipe": name,
+        "status": "ok",
+        "top1": top1,
+        "top5": min(1.0, top1 + 0.1),
+        "loss": 1 - top1,
+        "params_total": params,
+        "params_nonzero": int(params * (1 - target)),
+        "bytes_stored": nbytes,
+        "bytes_fp32": 4 * 139_018,
+        "latency_ms_b1": 1.0 + nbytes / 2e5,
+        "latency_ms_b1_p90": 1.2 + nbytes / 2e5,
+        "throughput_b32": 3000.0,
+        "runtime": "torch-fp32",
+        "format": fmt,
+        "activations": act,
+        "sparsity": target,
+        "sparsity_target": target,
+        "pattern": pattern,
+        "rank_ratio": ratio,
+        "size_band": size_band(nbytes),
+        "base_top1": 0.86,
+        "config": {"recipe": {"name": name, "steps": steps}},
+        **kw,
+    }
+
+
+def _rows() -> list[dict]:
+    rows, i = [], 0
+    for model, base in (("vit-nano", 0.86), ("deit-nano", 0.87)):
+        for fmt, nbytes in (("fp32", 560_000), ("tf32", 350_000), ("fp16", 290_000),
+                            ("int8", 160_000)):  # fmt: skip
+            q = {"weights": fmt, "activations": None if fmt == "fp32" else fmt}
+            rows.append(_row(i, model, f"dense-{fmt}", [{"quantize": q}], base - 0.002 * i % 3,
+                             nbytes))  # fmt: skip
+            i += 1
+        for k, sp in enumerate(SPARSITIES):
+            for fmt in ("fp32", "int8"):
+                steps = [{"prune": {"sparsity": sp, "schedule": "cubic"}},
+                         {"finetune": {"max_steps": 100}}]  # fmt: skip
+                if fmt == "int8":
+                    steps.append({"quantize": {"weights": "int8", "activations": "int8"}})
+                nbytes = int((560_000 if fmt == "fp32" else 160_000) * (1.1 - sp))
+                rows.append(_row(i, model, f"cubic{sp * 100:g}-{fmt}", steps, base - 0.03 * k,
+                                 nbytes + 20_000))  # fmt: skip
+                i += 1
+        for fmt in ("fp32", "int8"):
+            steps = [{"prune": {"pattern": "2:4"}}, {"finetune": {"max_steps": 100}}]
+            if fmt == "int8":
+                steps.append({"quantize": {"weights": "int8", "activations": "int8"}})
+            rows.append(_row(i, model, f"2of4-{fmt}", steps, base - 0.01, 300_000))
+            i += 1
+        for r in (0.5, 0.25):
+            rows.append(_row(i, model, f"svd{r * 100:g}", [{"lowrank": {"rank_ratio": r}}],
+                             base - (0.5 - r) / 4, int(560_000 * (0.4 + r))))  # fmt: skip
+            i += 1
+        q = {"weights": "int8", "activations": "int8", "dynamic": True}
+        rows.append(_row(i, model, "dynamic-int8", [{"quantize": q}], base - 0.001, 150_000))
+        i += 1
+    rows.append({"id": "vit-nano-broken-00000000", "study": "synthetic", "model": "vit-nano",
+                 "recipe": "broken", "status": "failed",
+                 "error": "step 1 (prune): 'blocks.9.*' matches no layer <script>"})  # fmt: skip
+    rows.append({"id": "vit-nano-unfinished-00000000", "study": "synthetic", "model": "vit-nano",
+                 "recipe": "unfinished", "status": "running"})  # fmt: skip
+    return rows
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    con = connect(out / DB_NAME)
+    for r in _rows():
+        upsert(con, r)
+    con.close()
+    return out, build_report(out)
+
+
+def _png_size(path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_every_plot_is_a_real_png(report):
+    out, _ = report
+    names = ("formats", "sparsity", "combinations", "study_b", "pareto_size", "pareto_latency")
+    for name in names:
+        p = out / "plots" / f"{name}.png"
+        assert p.is_file(), name
+        w, h = _png_size(p)
+        assert w >= 500 and h >= 150, (name, w, h)
+        assert p.stat().st_size > 10_000, name  # drawn, not blank
+
+
+def test_html_is_self_contained_and_lists_every_run(report):
+    out, html_path = report
+    assert html_path == out / "report.html"
+    text = html_path.read_text()
+    for r in _rows():
+        assert r["id"] in text
+    assert len(re.findall(r"src='data:image/png;base64,", text)) == 6
+    assert "http://" not in text and "https://" not in text  # nothing fetched: opens from disk
+    assert "<script src" not in text and "function sortBy" in text
+    assert "&lt;script&gt;" in text  # error text is escaped
+    assert "Best runs per size band" in text
+
+
+def test_describe_reads_the_recipe_not_the_name():
+    rows = {r["recipe"]: r for r in _rows() if r["status"] == "ok"}
+    assert describe(rows["cubic93.75-int8"]) == {
+        "format": "int8", "sparsity": "93.75", "lowrank": None, "finetuned": True,
+    }  # fmt: skip
+    assert describe(rows["2of4-fp32"])["sparsity"] == "2:4"
+    assert describe(rows["dynamic-int8"])["format"] == "int8-dyn"
+    assert describe(rows["svd25"])["lowrank"] == 0.25
+
+
+def test_pareto_front_and_best_per_band():
+    pts = [(1.0, 0.5), (2.0, 0.6), (2.0, 0.55), (3.0, 0.58), (0.5, 0.4), (4.0, 0.7)]
+    assert pareto_front(pts) == [4, 0, 1, 5]
+    rows = [r for r in _rows() if r["status"] == "ok"]
+    best = best_per_band(rows, 5)
+    assert list(best) == sorted(best, key=band_order)  # smallest band first
+    for band, rs in best.items():
+        assert len(rs) <= 5 and all(r["size_band"] == band for r in rs)
+        assert [r["top1"] for r in rs] == sorted((r["top1"] for r in rs), reverse=True)
+    text = format_best(rows)
+    assert "64-256 KB:" in text and "vit-nano" in text
+
+
+def test_report_without_results_is_a_one_line_error(tmp_path):
+    from vitcompress.errors import VitcompressError
+
+    with pytest.raises(VitcompressError, match="no results"):
+        build_report(tmp_path)
