@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -445,12 +446,15 @@ def quantize_dynamic_onnx(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
+    logging.disable(logging.WARNING)  # its advice to pre-process goes to the root logger
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
     except Exception as e:
         raise VitcompressError(f"onnxruntime quantize_dynamic failed ({_one_line(e)})") from None
+    finally:
+        logging.disable(logging.NOTSET)
     src_meta = read_metadata(src)
     proto = onnx.load(str(dst))
     _set_metadata(proto, {**src_meta, "vitcompress.format": "ort-quantize-dynamic"})

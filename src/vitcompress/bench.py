@@ -1,0 +1,441 @@
+"""Speed and size of the deployment variants of one model, on torch and onnxruntime.
+
+``bench(checkpoint=... | model=..., img_size=224)`` builds the variants of one model, pins the
+threads (``torch.set_num_threads``, onnxruntime ``intra_op_num_threads``), warms each up, and
+times them in rounds: every round runs each variant once, so that load from other processes on
+a shared machine falls on all variants alike and the ratios stay meaningful. It reports per
+variant the median and p90 latency at batch 1, the throughput at batch 32 (images / median
+batch time), the bytes of the artifact it runs from, and the speed-up over torch fp32 eager.
+
+Variants (names as in the results):
+
+- ``torch-fp32``: eager fp32, the baseline.
+- ``torch-int8-dynamic``: ``torch.ao.quantization.quantize_dynamic`` of the Linears (what study B
+  used).
+- ``torch-int8``: ours, :func:`~vitcompress.quantize.quantize_` (int8 per-channel weights,
+  calibrated static int8 activations) made real by :func:`~vitcompress.quantize.to_int8_`.
+- ``ort-fp32``: the fp32 ONNX export on onnxruntime.
+- ``ort-int8-dynamic``: the peer, onnxruntime's ``quantize_dynamic`` of that export.
+- ``ort-int8-qdq``: ours, the INT8 QDQ export of the quantised model.
+- ``ort-lowrank-fp32`` / ``ort-lowrank-int8-qdq``: MLP and patch projection factorised at
+  ``rank_ratio`` (study B's layers), then fp32 / INT8 QDQ.
+- ``torch-sparse-csr-<s>`` / ``ort-sparse-<s>``: encoder Linears pruned to ``s`` unstructured,
+  run through :mod:`vitcompress.sparse_exec` (CSR) in torch, and dense in onnxruntime (which has
+  no sparse kernel: same speed as fp32, listed to show it).
+
+Random inputs (and random calibration batches unless ``calib`` is given): speed does not depend
+on the values, but accuracy does, so accuracy is measured elsewhere (``benchmarks/run.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitcompress.errors import VitcompressError
+
+DEFAULT_VARIANTS = (
+    "torch-fp32",
+    "torch-int8-dynamic",
+    "torch-int8",
+    "ort-fp32",
+    "ort-int8-dynamic",
+    "ort-int8-qdq",
+    "ort-lowrank-fp32",
+    "ort-lowrank-int8-qdq",
+    "torch-sparse-csr-0.9375",
+    "torch-sparse-csr-0.96875",
+    "ort-sparse-0.9375",
+)
+# a checkpoint that is already compressed runs as it is stored
+COMPRESSED_VARIANTS = ("torch-model", "torch-model-int8", "ort-model")
+BASELINE = "torch-fp32"
+
+
+def is_compressed(model: nn.Module) -> bool:
+    """True when ``model`` holds layers or masks that a compression step left."""
+    from vitcompress.lowrank import LOWRANK_TYPES
+    from vitcompress.quantize import Int8Linear, QuantLinear, QuantMatMul
+    from vitcompress.sparsity import MASK
+
+    kinds = (*LOWRANK_TYPES, QuantLinear, Int8Linear, QuantMatMul)
+    return any(isinstance(m, kinds) or MASK in m._buffers for m in model.modules())
+
+
+@dataclass
+class Variant:
+    """One way to run the model: ``run(x)`` on a float32 numpy batch."""
+
+    name: str
+    runtime: str
+    fmt: str
+    run: Callable[[np.ndarray], object]
+    bytes: int
+    notes: dict = field(default_factory=dict)
+
+
+def _pin_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # can only be set once per process, before any parallel work
+        pass
+
+
+def _torch_runner(model: nn.Module) -> Callable[[np.ndarray], object]:
+    model.eval()
+
+    def run(x: np.ndarray):
+        with torch.inference_mode():
+            return model(torch.from_numpy(x))
+
+    return run
+
+
+def _ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
+    from vitcompress.export import INPUT, ort_session
+
+    sess = ort_session(path, threads)
+    return lambda x: sess.run(None, {INPUT: x})
+
+
+def _torch_bytes(model: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
+def _quantized_copy(model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
+    from vitcompress.quantize import QuantizeConfig, quantize_
+
+    q = copy.deepcopy(model)
+    # the classifier head stays fp32 (tiny, and the layer most sensitive to int8)
+    quantize_(q, QuantizeConfig(weights="int8", activations="int8", ignore=["head", "head_dist"]),
+              calib)  # fmt: skip
+    return q
+
+
+def _lowrank_copy(model: nn.Module, ratio: float) -> nn.Module:
+    from vitcompress.lowrank import LowRankConfig, factorize_
+
+    m = copy.deepcopy(model)
+    factorize_(m, LowRankConfig(rank_ratio=ratio))
+    return m
+
+
+def _pruned_copy(model: nn.Module, sparsity: float) -> nn.Module:
+    from vitcompress.sparsity import PruneConfig, prune_
+
+    m = copy.deepcopy(model)
+    prune_(m, PruneConfig(sparsity=sparsity, targets="blocks.*"))
+    return m
+
+
+def build_variants(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    names: Iterable[str],
+    work_dir: Path,
+    threads: int,
+    calib: list[torch.Tensor],
+    config: dict | None = None,
+    rank_ratio: float = 0.25,
+) -> list[Variant]:
+    """The requested variants of ``model`` (module docstring), with their artifacts in
+    ``work_dir``."""
+    from vitcompress.export import export_onnx, quantize_dynamic_onnx
+    from vitcompress.pack import bytes_stored
+
+    cfg = dict(config or {})
+    model = model.eval()
+    out: list[Variant] = []
+    cache: dict[str, object] = {}
+
+    def onnx(name: str, m: nn.Module) -> Path:
+        p = work_dir / f"{name}.onnx"
+        if name not in cache:
+            cache[name] = export_onnx(m, p, input_shape, {"variant": name}, check=False)
+        return p
+
+    def quantized() -> nn.Module:
+        if "q" not in cache:
+            cache["q"] = _quantized_copy(model, calib)
+        return cache["q"]  # type: ignore[return-value]
+
+    for name in names:
+        if name == "torch-model":
+            v = Variant(name, "torch", "as stored", _torch_runner(model), bytes_stored(model, cfg))
+        elif name == "torch-model-int8":
+            from vitcompress.quantize import QuantLinear, to_int8_
+
+            q = copy.deepcopy(model)
+            if not any(isinstance(m, QuantLinear) for m in q.modules()):
+                continue  # not quantised: nothing to make real
+            to_int8_(q)
+            v = Variant(name, "torch", "int8 real (to_int8_)", _torch_runner(q),
+                        bytes_stored(q, cfg))  # fmt: skip
+        elif name == "ort-model":
+            from vitcompress.export import read_metadata
+
+            p = onnx("model", model)
+            fmt = read_metadata(p).get("vitcompress.format", "?")
+            v = Variant(name, "onnxruntime", fmt, _ort_runner(p, threads), p.stat().st_size)
+        elif name == "torch-fp32":
+            v = Variant(name, "torch", "fp32", _torch_runner(model), bytes_stored(model, cfg))
+        elif name == "torch-int8-dynamic":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q = torch.ao.quantization.quantize_dynamic(
+                    copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8
+                )
+            v = Variant(name, "torch", "int8 dynamic (torch.ao)", _torch_runner(q), _torch_bytes(q))
+        elif name == "torch-int8":
+            from vitcompress.quantize import to_int8_
+
+            q = copy.deepcopy(quantized())
+            to_int8_(q)
+            v = Variant(name, "torch", "int8 static (ours)", _torch_runner(q), bytes_stored(q, cfg))
+        elif name == "ort-fp32":
+            p = onnx("fp32", model)
+            v = Variant(name, "onnxruntime", "fp32", _ort_runner(p, threads), p.stat().st_size)
+        elif name == "ort-int8-dynamic":
+            p = quantize_dynamic_onnx(onnx("fp32", model), work_dir / "ort-dynamic.onnx")
+            v = Variant(name, "onnxruntime", "int8 dynamic (ORT peer)", _ort_runner(p, threads),
+                        p.stat().st_size)  # fmt: skip
+        elif name == "ort-int8-qdq":
+            p = onnx("int8-qdq", quantized())
+            v = Variant(name, "onnxruntime", "int8 QDQ (ours)", _ort_runner(p, threads),
+                        p.stat().st_size)  # fmt: skip
+        elif name in ("ort-lowrank-fp32", "ort-lowrank-int8-qdq"):
+            lr = cache.setdefault("lr", _lowrank_copy(model, rank_ratio))
+            if name.endswith("fp32"):
+                p, fmt = onnx("lowrank-fp32", lr), f"fp32 low-rank {rank_ratio}"
+            else:
+                lq = cache.setdefault("lrq", _quantized_copy(lr, calib))
+                p, fmt = onnx("lowrank-int8-qdq", lq), f"int8 QDQ low-rank {rank_ratio}"
+            v = Variant(name, "onnxruntime", fmt, _ort_runner(p, threads), p.stat().st_size)
+        elif name.startswith(("torch-sparse-csr-", "ort-sparse-")):
+            s = float(name.rsplit("-", 1)[1])
+            pruned = cache.setdefault(f"p{s}", _pruned_copy(model, s))
+            if name.startswith("ort-"):
+                p = onnx(f"sparse-{s}", pruned)
+                v = Variant(name, "onnxruntime", f"fp32 {s:.2%} sparse, dense kernels",
+                            _ort_runner(p, threads), p.stat().st_size)  # fmt: skip
+            else:
+                from vitcompress.sparse_exec import sparsify_for_inference_, summary
+
+                sp = copy.deepcopy(pruned)
+                example = torch.from_numpy(_input(1, input_shape))
+                report = sparsify_for_inference_(sp, min_sparsity=0.5, example_input=example)
+                v = Variant(name, "torch", f"fp32 {s:.2%} sparse, CSR", _torch_runner(sp),
+                            bytes_stored(pruned, cfg), {"sparse": summary(report)})  # fmt: skip
+        else:
+            raise VitcompressError(
+                f"unknown bench variant {name!r}; known: {', '.join(DEFAULT_VARIANTS)} "
+                "(sparse ones take any sparsity, e.g. torch-sparse-csr-0.9)"
+            )
+        out.append(v)
+    return out
+
+
+def _input(batch: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
+
+
+def time_rounds(
+    variants: list[Variant], x: np.ndarray, rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant, ``rounds`` calls each, interleaved round by round."""
+    for v in variants:
+        for _ in range(warmup):
+            v.run(x)
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            t0 = time.perf_counter()
+            v.run(x)
+            times[v.name].append(time.perf_counter() - t0)
+    return times
+
+
+def _p90(ts: list[float]) -> float:
+    s = sorted(ts)
+    return s[min(len(s) - 1, int(0.9 * len(s)))]
+
+
+def bench(
+    checkpoint: str | Path | None = None,
+    model: str | None = None,
+    img_size: int = 224,
+    threads: int = 2,
+    variants: Iterable[str] | None = None,
+    rounds_b1: int = 15,
+    rounds_b32: int = 4,
+    batch: int = 32,
+    warmup: int = 2,
+    calib: list[torch.Tensor] | None = None,
+    rank_ratio: float = 0.25,
+    work_dir: str | Path | None = None,
+) -> list[dict]:
+    """Benchmark the deployment variants of a run directory or a preset (module docstring).
+
+    Args:
+        checkpoint: a run directory (its model, trained or compressed); or
+        model: a preset name (``vit-small``), random weights, at ``img_size`` with 3 channels
+            and 1000 classes.
+        threads: intra-op threads for torch and onnxruntime alike.
+        variants: names from :data:`DEFAULT_VARIANTS` (the default for a dense model) or
+            :data:`COMPRESSED_VARIANTS` (the default for a compressed checkpoint).
+        rounds_b1, rounds_b32: timed calls per variant at batch 1 and at ``batch``.
+        calib: calibration batches for the int8 variants (default: 4 random batches of 8).
+        work_dir: where the ONNX files go (default: a temporary directory).
+
+    Returns:
+        One dict per variant: ``variant``, ``runtime``, ``format``, ``latency_ms_b1`` (median),
+        ``latency_p90_ms_b1``, ``latency_min_ms_b1``, ``throughput_b32`` (images / median batch
+        time), ``throughput_best_b32`` (images / fastest batch time), ``bytes_stored``,
+        ``speedup_b1``, ``speedup_b32`` (medians) and ``speedup_best_b1``, ``speedup_best_b32``
+        (fastest calls) over torch fp32 when it is among the variants, ``size_ratio``,
+        ``threads``, ``model``, ``img_size``, ``notes``. Thread settings are restored after.
+    """
+    from vitcompress.models import build_model, model_config
+
+    if (checkpoint is None) == (model is None):
+        raise VitcompressError("bench: give a checkpoint (run directory) or a model preset")
+    if not isinstance(threads, int) or threads < 1:
+        raise VitcompressError(f"bench: threads must be an integer >= 1, got {threads!r}")
+    if checkpoint is not None:
+        from vitcompress.models.checkpoints import load_run
+
+        net, config = load_run(Path(checkpoint))
+        label = str(checkpoint)
+    else:
+        config = {"model": model_config(model, img_size=img_size)}
+        net = build_model(config["model"])
+        label = model
+    if variants is None:
+        variants = COMPRESSED_VARIANTS if is_compressed(net) else DEFAULT_VARIANTS
+    names = list(variants)
+    if not names:
+        raise VitcompressError("bench: no variants to run")
+    mc = config.get("model", {})
+    shape = (int(mc.get("in_chans", 3)), int(mc.get("img_size", img_size)),
+             int(mc.get("img_size", img_size)))  # fmt: skip
+    saved_threads = torch.get_num_threads()
+    _pin_threads(threads)
+    try:
+        return _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_dir,
+                      rounds_b1, rounds_b32, batch, warmup)  # fmt: skip
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_dir, rounds_b1,
+           rounds_b32, batch, warmup) -> list[dict]:  # fmt: skip
+    if calib is None:
+        g = torch.Generator().manual_seed(0)
+        calib = [torch.randn((8, *shape), generator=g) for _ in range(4)]
+    with tempfile.TemporaryDirectory() as tmp:
+        wd = Path(work_dir) if work_dir is not None else Path(tmp)
+        wd.mkdir(parents=True, exist_ok=True)
+        vs = build_variants(net.eval(), shape, names, wd, threads, calib, config, rank_ratio)
+        t1 = time_rounds(vs, _input(1, shape), rounds_b1, warmup)
+        tb = time_rounds(vs, _input(batch, shape), rounds_b32, min(warmup, 1))
+    rows = []
+    for v in vs:
+        rows.append(
+            {
+                "variant": v.name,
+                "runtime": v.runtime,
+                "format": v.fmt,
+                "latency_ms_b1": statistics.median(t1[v.name]) * 1000,
+                "latency_p90_ms_b1": _p90(t1[v.name]) * 1000,
+                "latency_min_ms_b1": min(t1[v.name]) * 1000,
+                f"throughput_b{batch}": batch / statistics.median(tb[v.name]),
+                f"throughput_best_b{batch}": batch / min(tb[v.name]),
+                "bytes_stored": v.bytes,
+                "threads": threads,
+                "model": label,
+                "img_size": shape[1],
+                "notes": v.notes,
+            }
+        )
+    base = next((r for r in rows if r["variant"] == BASELINE), None)
+    for r in rows:
+        if base is not None:
+            r["speedup_b1"] = base["latency_ms_b1"] / r["latency_ms_b1"]
+            r[f"speedup_b{batch}"] = r[f"throughput_b{batch}"] / base[f"throughput_b{batch}"]
+            # from the fastest call of each: on a shared machine, the least disturbed estimate
+            r["speedup_best_b1"] = base["latency_min_ms_b1"] / r["latency_min_ms_b1"]
+            r[f"speedup_best_b{batch}"] = (
+                r[f"throughput_best_b{batch}"] / base[f"throughput_best_b{batch}"]
+            )
+            r["size_ratio"] = base["bytes_stored"] / r["bytes_stored"]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text (Markdown) table of :func:`bench` results."""
+    if not rows:
+        return "(no results)"
+    tp = next(k for k in rows[0] if k.startswith("throughput_b"))
+    b = tp.removeprefix("throughput_b")
+    has_ratio = "speedup_b1" in rows[0]
+    head = ["variant", "format", "b1 median ms", "b1 p90 ms", f"b{b} img/s", "MB"]
+    if has_ratio:
+        head += ["x b1", f"x b{b}", "x smaller"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["variant"],
+            r["format"],
+            f"{r['latency_ms_b1']:.1f}",
+            f"{r['latency_p90_ms_b1']:.1f}",
+            f"{r[tp]:.1f}",
+            f"{r['bytes_stored'] / 1e6:.2f}",
+        ]
+        if has_ratio:
+            cells += [
+                f"{r['speedup_b1']:.2f}",
+                f"{r[f'speedup_b{b}']:.2f}",
+                f"{r['size_ratio']:.2f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bench_cli(
+    checkpoint: Path | None,
+    model: str | None,
+    img_size: int,
+    threads: int,
+    json_out: bool,
+) -> list[dict]:
+    """``vitcompress bench``: run :func:`bench` and print a table (or JSON); returns the rows."""
+    rows = bench(checkpoint=checkpoint, model=model, img_size=img_size, threads=threads)
+    print(json.dumps(rows, indent=2) if json_out else format_table(rows))
+    return rows
+
+
+__all__ = [
+    "COMPRESSED_VARIANTS",
+    "DEFAULT_VARIANTS",
+    "is_compressed",
+    "Variant",
+    "bench",
+    "bench_cli",
+    "build_variants",
+    "format_table",
+]

@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+from vitcompress.bench import (
+    COMPRESSED_VARIANTS,
+    DEFAULT_VARIANTS,
+    bench,
+    bench_cli,
+    format_table,
+    is_compressed,
+)
+from vitcompress.errors import VitcompressError
+from vitcompress.models import build_model
+from vitcompress.models.checkpoints import save_run
+from vitcompress.quantize import QuantizeConfig, quantize_
+
+# Timings are not checked (shared CPUs): only that every variant runs and is reported.
+FAST = dict(rounds_b1=2, rounds_b32=1, batch=4, warmup=1, threads=1)
+
+
+def test_bench_preset_reports_every_variant(tmp_path):
+    rows = bench(model="vit-nano", img_size=16, work_dir=tmp_path, **FAST)
+    assert [r["variant"] for r in rows] == list(DEFAULT_VARIANTS)
+    for r in rows:
+        assert r["latency_ms_b1"] > 0 and r["latency_p90_ms_b1"] >= r["latency_ms_b1"]
+        assert r["throughput_b4"] > 0 and r["bytes_stored"] > 0
+        assert r["speedup_b1"] > 0 and r["speedup_b4"] > 0 and r["threads"] == 1
+    by = {r["variant"]: r for r in rows}
+    assert by["torch-fp32"]["speedup_b1"] == 1.0
+    # int8 artifacts are smaller than fp32 ones (here the 1000-class fp32 head weighs most)
+    assert by["ort-int8-qdq"]["bytes_stored"] < 0.6 * by["ort-fp32"]["bytes_stored"]
+    assert by["torch-sparse-csr-0.96875"]["bytes_stored"] < 0.5 * by["torch-fp32"]["bytes_stored"]
+    assert "sparse" in by["torch-sparse-csr-0.9375"]["notes"]
+    assert torch.get_num_threads() == 2  # restored
+    table = format_table(rows)
+    assert all(v in table for v in DEFAULT_VARIANTS) and "b4 img/s" in table
+    assert (tmp_path / "int8-qdq.onnx").is_file()
+
+
+def test_bench_compressed_checkpoint_and_cli(tiny_vit_cfg, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model(tiny_vit_cfg).eval()
+    quantize_(model, QuantizeConfig(), [torch.randn(4, 1, 16, 16)])
+    assert is_compressed(model)
+    record = {"kind": "quantize", "config": {"weights": "int8", "activations": "int8"}}
+    save_run(tmp_path / "run", model, {"model": tiny_vit_cfg, "compression": [record]})
+    rows = bench(checkpoint=tmp_path / "run", **FAST)
+    assert [r["variant"] for r in rows] == list(COMPRESSED_VARIANTS)
+    assert rows[-1]["format"] == "int8-qdq"
+    out = bench_cli(tmp_path / "run", None, 16, 1, json_out=True)
+    printed = json.loads(capsys.readouterr().out)
+    assert [r["variant"] for r in printed] == [r["variant"] for r in out]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(), "checkpoint"),
+        (dict(model="vit-nano", checkpoint="x"), "checkpoint"),
+        (dict(model="vit-nano", img_size=16, threads=0), "threads"),
+        (dict(model="vit-nano", img_size=16, variants=["tensorrt"]), "unknown bench variant"),
+        (dict(model="vit-huge"), "unknown model"),
+    ],
+)
+def test_bench_bad_input(kwargs, match):
+    with pytest.raises(VitcompressError, match=match):
+        bench(**kwargs)
