@@ -26,6 +26,15 @@ SHAPE = (1, 16, 16)
 META = {"classes": ["a", "b", "c", "d"], "mean": [0.5], "std": [0.25], "img_size": 16}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads mostly wait for each other."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def _calib():
     g = torch.Generator().manual_seed(1)
     return [torch.randn(8, *SHAPE, generator=g) for _ in range(2)]

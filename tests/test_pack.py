@@ -21,6 +21,15 @@ from vitcompress.sparse_exec import sparsify_for_inference_
 from vitcompress.sparsity import PruneConfig, get_masks, prune_
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads mostly wait for each other."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def _calib():
     g = torch.Generator().manual_seed(1)
     return [torch.randn(4, 1, 16, 16, generator=g) for _ in range(2)]

@@ -12,6 +12,15 @@ from vitcompress.sparse_exec import (
 from vitcompress.sparsity import PruneConfig, prune_
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads mostly wait for each other."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def _pruned_linear(out_f: int, in_f: int, sparsity: float, bias: bool = True) -> nn.Linear:
     torch.manual_seed(0)
     lin = nn.Linear(in_f, out_f, bias=bias)
