@@ -46,8 +46,13 @@ def test_bench_compressed_checkpoint_and_cli(tiny_vit_cfg, tmp_path, capsys):
     assert is_compressed(model)
     record = {"kind": "quantize", "config": {"weights": "int8", "activations": "int8"}}
     save_run(tmp_path / "run", model, {"model": tiny_vit_cfg, "compression": [record]})
-    rows = bench(checkpoint=tmp_path / "run", **FAST)
+    x = torch.randn(6, 1, 16, 16)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    rows = bench(checkpoint=tmp_path / "run", eval_loader=[(x[:4], y[:4]), (x[4:], y[4:])], **FAST)
     assert [r["variant"] for r in rows] == list(COMPRESSED_VARIANTS)
+    assert rows[0]["top1"] == 100.0  # labelled by the model itself
+    assert all(0 <= r["top1"] <= 100 for r in rows)
     assert rows[-1]["format"] == "int8-qdq"
     out = bench_cli(tmp_path / "run", None, 16, 1, json_out=True)
     printed = json.loads(capsys.readouterr().out)

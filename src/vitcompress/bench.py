@@ -288,6 +288,7 @@ def bench(
     calib: list[torch.Tensor] | None = None,
     rank_ratio: float = 0.25,
     work_dir: str | Path | None = None,
+    eval_loader: Iterable | None = None,
 ) -> list[dict]:
     """Benchmark the deployment variants of a run directory or a preset (module docstring).
 
@@ -301,6 +302,7 @@ def bench(
         rounds_b1, rounds_b32: timed calls per variant at batch 1 and at ``batch``.
         calib: calibration batches for the int8 variants (default: 4 random batches of 8).
         work_dir: where the ONNX files go (default: a temporary directory).
+        eval_loader: ``(images, labels)`` batches; when given, each row gets ``top1`` (%).
 
     Returns:
         One dict per variant: ``variant``, ``runtime``, ``format``, ``latency_ms_b1`` (median),
@@ -337,13 +339,13 @@ def bench(
     _pin_threads(threads)
     try:
         return _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_dir,
-                      rounds_b1, rounds_b32, batch, warmup)  # fmt: skip
+                      rounds_b1, rounds_b32, batch, warmup, eval_loader)  # fmt: skip
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_dir, rounds_b1,
-           rounds_b32, batch, warmup) -> list[dict]:  # fmt: skip
+           rounds_b32, batch, warmup, eval_loader) -> list[dict]:  # fmt: skip
     if calib is None:
         g = torch.Generator().manual_seed(0)
         calib = [torch.randn((8, *shape), generator=g) for _ in range(4)]
@@ -353,6 +355,7 @@ def _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_di
         vs = build_variants(net.eval(), shape, names, wd, threads, calib, config, rank_ratio)
         t1 = time_rounds(vs, _input(1, shape), rounds_b1, warmup)
         tb = time_rounds(vs, _input(batch, shape), rounds_b32, min(warmup, 1))
+        top1 = evaluate_variants(vs, eval_loader) if eval_loader is not None else {}
     rows = []
     for v in vs:
         rows.append(
@@ -372,6 +375,8 @@ def _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_di
                 "notes": v.notes,
             }
         )
+        if top1:
+            rows[-1]["top1"] = top1[v.name]
     base = next((r for r in rows if r["variant"] == BASELINE), None)
     for r in rows:
         if base is not None:
@@ -384,6 +389,31 @@ def _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_di
             )
             r["size_ratio"] = base["bytes_stored"] / r["bytes_stored"]
     return rows
+
+
+def _logits(out: object) -> np.ndarray:
+    if isinstance(out, (list, tuple)):  # onnxruntime returns a list of outputs
+        out = out[0]
+    return out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+
+
+def evaluate_variants(
+    variants: list[Variant], loader: Iterable, limit: int | None = None
+) -> dict[str, float]:
+    """Top-1 accuracy (%) of each variant over ``loader``'s ``(images, labels)`` batches."""
+    correct = {v.name: 0 for v in variants}
+    seen = 0
+    for x, y in loader:
+        if limit is not None and seen >= limit:
+            break
+        xn = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+        labels = y.numpy()
+        for v in variants:
+            correct[v.name] += int((_logits(v.run(xn)).argmax(-1) == labels).sum())
+        seen += len(labels)
+    if seen == 0:
+        raise VitcompressError("evaluate_variants: the loader yielded no images")
+    return {k: 100.0 * c / seen for k, c in correct.items()}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -437,5 +467,6 @@ __all__ = [
     "bench",
     "bench_cli",
     "build_variants",
+    "evaluate_variants",
     "format_table",
 ]
