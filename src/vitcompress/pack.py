@@ -225,6 +225,8 @@ def _nm_positions(support: torch.Tensor, m: int, n: int | None) -> torch.Tensor 
     if n is not None and not bool((counts == n).all()):
         return None
     k = int(counts.max()) if n is None else n
+    if k >= m:
+        return None  # some group is full: nothing to gain
     # kept positions first (in order), then pruned ones: a stable sort on "not kept"
     order = torch.argsort((~groups).to(torch.int8), dim=1, stable=True)[:, :k]
     return order.sort(dim=1).values  # (G, k)
@@ -254,14 +256,17 @@ def encode_tensor(t: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[di
         return {"layout": "zeros"}, {}
     if mask is None or bool(support.all()):
         add({"layout": "dense"}, flat, {})
-    if numel:
+    all_kept = bool(support.all())
+    if numel and not all_kept:  # with every element kept, dense is smaller
         bitmask = torch.from_numpy(np.packbits(support.numpy()))
         add({"layout": "bitmask"}, flat[support], {"m": bitmask})
     for m in NM_CANDIDATES:
         if numel % m or numel < m:
             continue
+        if all_kept:
+            break
         pos = _nm_positions(support, m, None if mask is None else int(support[:m].sum()))
-        if pos is None or pos.shape[1] >= m:
+        if pos is None:
             continue
         k = pos.shape[1]
         if k == 0:
