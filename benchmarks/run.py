@@ -145,24 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds-b1", type=int, default=12)
     p.add_argument("--rounds-b32", type=int, default=3)
     p.add_argument("--out", type=Path, default=HERE)
+    p.add_argument(
+        "--append", action="store_true", help="add to the models already in results.json"
+    )
     args = p.parse_args(argv)
 
-    load_start = os.getloadavg()
-    t_start = time.time()
-    results: dict = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions(),
-        "threads": args.threads,
-        "rounds": {"b1": args.rounds_b1, "b32": args.rounds_b32},
-        "load_avg_start": load_start,
-        "models": {},
-    }
-    qdq_ops = None
+    results: dict = {"machine": machine(), "versions": versions(), "models": {}}
+    old = args.out / "results.json"
+    if args.append and old.is_file():
+        results["models"] = json.loads(old.read_text()).get("models", {})
+        results["ort_ops_int8_qdq"] = json.loads(old.read_text()).get("ort_ops_int8_qdq")
+    qdq_ops = results.get("ort_ops_int8_qdq")
     jobs = [("preset", m) for m in args.models] + [("run", r) for r in args.run]
     for kind, name in jobs:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         t0 = time.time()
+        load_start = os.getloadavg()
         with tempfile.TemporaryDirectory() as wd:
             if kind == "preset":
                 rows = bench(
@@ -181,10 +179,16 @@ def main(argv: list[str] | None = None) -> int:
             qdq = Path(wd) / "int8-qdq.onnx"
             if qdq_ops is None and qdq.is_file():
                 qdq_ops = onnx_ops(qdq)
-        results["models"][name] = {"rows": rows, "wall_s": time.time() - t0}
+        results["models"][name] = {
+            "rows": rows,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": time.time() - t0,
+            "threads": args.threads,
+            "rounds": {"b1": args.rounds_b1, "b32": args.rounds_b32},
+            "load_avg_start": load_start,
+            "load_avg_end": os.getloadavg(),
+        }
         print(table(rows, 32), file=sys.stderr, flush=True)
-    results["load_avg_end"] = os.getloadavg()
-    results["wall_s"] = time.time() - t_start
     results["ort_ops_int8_qdq"] = qdq_ops
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -196,25 +200,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(res: dict) -> str:
     m, v = res["machine"], res["versions"]
-    ls, le = res["load_avg_start"], res["load_avg_end"]
     out = [
         "# Deployment benchmarks",
         "",
-        f"Measured {res['date']} by `benchmarks/run.py` (`make bench`) in one run of "
-        f"{res['wall_s'] / 60:.0f} min; every table comes from one process, its variants timed "
-        "round by round.",
+        "Written by `benchmarks/run.py` (`make bench`). Each table comes from one process: its "
+        "variants were timed round by round (every round runs every variant once), so the "
+        "ratios within a table were measured in one run under the same conditions.",
         "",
         f"- Machine: {m.get('cpu')}, {m.get('cpus')} CPUs, {m.get('mem_gb', '?')} GB, "
         f"int8 ISA: {', '.join(m.get('int8_isa', [])) or '?'}; {m.get('platform')}",
         "- Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
-        f"- Threads: {res['threads']} (torch.set_num_threads, onnxruntime intra_op_num_threads); "
-        f"rounds: {res['rounds']['b1']} at batch 1, {res['rounds']['b32']} at batch 32, after "
-        "warm-up.",
-        f"- **Shared machine**: load average {ls[0]:.1f} / {ls[1]:.1f} / {ls[2]:.1f} at the start "
-        f"and {le[0]:.1f} / {le[1]:.1f} / {le[2]:.1f} at the end, on {m.get('cpus')} CPUs: other "
-        "jobs ran at the same time, so absolute times are slow and noisy. The *best* columns "
-        "(fastest call of each variant) are the least disturbed estimate; ratios within a table "
-        "are comparable because every round ran all variants.",
+        "- Threads pinned per table (torch.set_num_threads, onnxruntime intra_op_num_threads); "
+        "warm-up before timing.",
+        f"- **Shared machine**: the {m.get('cpus')} CPUs were shared with other jobs (load "
+        "averages under each table), so absolute times are slow and noisy. The *best* columns "
+        "(fastest call of each variant) are the least disturbed estimate.",
         "",
         "Columns: latency at batch 1 (median, p90, best) in ms; throughput at batch 32 in "
         "images/s (from the median and from the best batch time); size of the artifact the "
@@ -225,7 +225,17 @@ def render(res: dict) -> str:
     for name, entry in res["models"].items():
         rows = entry["rows"]
         img = rows[0]["img_size"]
-        out += [f"## {name} ({img}x{img})", "", table(rows, 32), ""]
+        ls, le = entry["load_avg_start"], entry["load_avg_end"]
+        out += [
+            f"## {name} ({img}x{img})",
+            "",
+            f"{entry['date']}, {entry['threads']} threads, {entry['rounds']['b1']} rounds at "
+            f"batch 1 and {entry['rounds']['b32']} at batch 32, {entry['wall_s'] / 60:.0f} min; "
+            f"load average {ls[0]:.1f} at the start, {le[0]:.1f} at the end.",
+            "",
+            table(rows, 32),
+            "",
+        ]
         pr = peer_ratios(rows, 32)
         if pr:
             out += [pr, ""]
