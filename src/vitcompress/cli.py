@@ -18,6 +18,8 @@ def _add_model_size_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
     from vitcompress.measure import flops_per_image
     from vitcompress.models import PRESETS, build_model, model_config
 
@@ -30,7 +32,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             in_chans=args.channels,
             num_classes=args.classes,
         )
-        model = build_model(cfg)
+        with torch.device("meta"):  # shapes only: no memory, no random init
+            model = build_model(cfg)
         shape = (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
         rows.append(
             {

@@ -36,6 +36,8 @@ def flops_per_image(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
 def _to_meta(model: nn.Module) -> nn.Module:
     import copy
 
+    if all(p.is_meta for p in model.parameters()):
+        return model
     with torch.device("meta"):
         clone = copy.deepcopy(model).to("meta")
     return clone
