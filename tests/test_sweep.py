@@ -344,3 +344,44 @@ def test_ray_executor_gives_the_same_rows_as_local(tiny_out, tmp_path):
     assert sorted(tuple(r[k] for k in key) for r in rows) == sorted(
         tuple(r[k] for k in key) for r in local
     )
+
+
+def test_ray_missing_is_a_one_line_error(tiny_out, tmp_path, monkeypatch):
+    out = tmp_path / "noray"
+    _copy_baselines(tiny_out, out)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(VitcompressError, match=r"pip install 'vitcompress\[ray\]'"):
+        run_sweep(_quick(TINY, "tiny"), out, executor="ray", progress=False)
+    with pytest.raises(VitcompressError, match="unknown executor 'dask'"):
+        run_sweep(_quick(TINY, "tiny"), out, executor="dask", progress=False)
+
+
+def test_seed_full_without_its_data_says_to_pass_data(tmp_path):
+    with pytest.raises(VitcompressError, match=r"does not exist; pass --data") as e:
+        run_sweep("seed-full", tmp_path, data="imagefolder:/no/such/RESISC45", progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / DB_NAME).exists()  # checked before any work
+
+
+def test_demo_resumes_builds_the_report_and_prints_the_best(tiny_out, tmp_path, capsys):
+    from vitcompress.demo import run_demo
+
+    out = tmp_path / "demo"
+    shutil.copytree(tiny_out, out)
+    before = _db_rows(out)
+    run_demo(out, study=TINY)  # every run is finished: nothing reruns
+    assert _db_rows(out) == before
+    text = capsys.readouterr().out
+    assert f"report: {(out / 'report.html').resolve()}" in text
+    assert "Five best runs by top-1 per size band" in text and "vit-nano" in text
+    assert (out / "plots" / "formats.png").is_file()
+
+
+def test_jobs_run_in_worker_processes(tiny_out, tmp_path):
+    out = tmp_path / "jobs"
+    _copy_baselines(tiny_out, out)
+    rows = run_sweep(_quick(TINY, "tiny", slice(0, 1)), out, jobs=2, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(not r["worker"].endswith(f":{os.getpid()}") for r in rows)  # not this process
+    local = {r["id"]: r["top1"] for r in read_results(tiny_out)}
+    assert all(local[r["id"]] == r["top1"] for r in rows)

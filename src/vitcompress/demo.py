@@ -12,11 +12,12 @@ from vitcompress.report import build_report, format_best
 from vitcompress.sweep import run_sweep
 
 
-def run_demo(out: Path = Path("runs/demo"), study: str = "seed", jobs: int = 1) -> None:
+def run_demo(out: Path = Path("runs/demo"), study: str | dict = "seed", jobs: int = 1) -> None:
     """Run ``study`` (default ``seed``) into ``out``, build the report, print the best runs."""
     out = Path(out)
     t0 = time.perf_counter()
-    print(f"vitcompress demo: study {study!r} into {out} (finished runs are skipped)", flush=True)
+    name = study if isinstance(study, str) else study.get("name", "study")
+    print(f"vitcompress demo: study {name!r} into {out} (finished runs are skipped)", flush=True)
     rows = run_sweep(study, out, jobs=jobs)
     report = build_report(out)
     minutes = (time.perf_counter() - t0) / 60

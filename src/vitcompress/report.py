@@ -500,6 +500,8 @@ def build_report(results_dir: Path) -> Path:
     out_dir = db.parent
     rows = read_results(db)
     ok = [r for r in rows if r.get("status") == "ok" and r.get("top1") is not None]
+    if len({r.get("data") for r in ok}) > 1:  # the same model on several data sets: tell apart
+        ok = [{**r, "model": f"{r['model']} @ {r.get('data')}"} for r in ok]
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     makers = {

@@ -40,9 +40,10 @@ A study is a YAML file (or a built-in name: ``smoke``, ``seed``, ``seed-full``):
 
 Model keys: ``preset`` or ``run``; training settings ``epochs``, ``lr``, ``batch_size``,
 ``weight_decay``, ``warmup_epochs``, ``label_smoothing``, ``augment``, ``img_size``,
-``patch_size``, ``drop_path``; ``teacher`` (a label under ``teachers`` or ``models``, or a run
-directory) with ``distill`` (``hard`` or ``soft``, default hard), ``distill_alpha``,
-``distill_tau``. Teachers take the same keys.
+``patch_size``, ``drop_path``; ``limit`` (this model's own image limit, e.g. for a teacher; runs
+on a model are evaluated on its first N test images too); ``teacher`` (a label under
+``teachers`` or ``models``, or a run directory) with ``distill`` (``hard`` or ``soft``, default
+hard), ``distill_alpha``, ``distill_tau``. Teachers take the same keys.
 
 Substitution in a recipe template: a value that is exactly ``$axis`` becomes that axis' value (a
 number, a mapping, null); ``$axis`` (or ``${axis}``) inside a longer string becomes the value's
@@ -112,7 +113,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "distill_alpha": 0.5,
     "distill_tau": 3.0,
 }
-MODEL_KEYS = ("preset", "run", "teacher", "distill", *TRAIN_DEFAULTS)
+MODEL_KEYS = ("preset", "run", "teacher", "distill", "limit", *TRAIN_DEFAULTS)
 BUILTIN_VARS = ("distill", "teacher", "model")
 TEACHER_MARK = "@baseline:"  # a teacher reference inside a recipe, resolved to a path at run time
 
@@ -358,6 +359,9 @@ def _resolve_models(
                     f"{where}: unknown preset {preset!r}; presets: {', '.join(PRESETS)}"
                 )
             _check_train(train, where)
+            own_limit = spec.get("limit", limit)
+            if own_limit is not None and (not _is_int(own_limit) or own_limit < 1):
+                raise VitcompressError(f"{where}: limit must be an integer >= 1, got {own_limit!r}")
             if spec.get("teacher") is not None:
                 t = str(spec["teacher"])
                 if t in entries:
@@ -378,11 +382,11 @@ def _resolve_models(
             elif spec.get("distill") is not None:
                 raise VitcompressError(f"{where}: distill needs a teacher")
             fam, size = _family_size(preset)
-            ident = {"preset": preset, "train": train, "teacher": teacher_ref,
-                     "distill": distill, "data": data, "limit": limit, "seed": seed}  # fmt: skip
+            ident = {"preset": preset, "train": train, "teacher": teacher_ref, "distill": distill,
+                     "data": data, "limit": own_limit, "seed": seed}  # fmt: skip
             h = _digest(ident)
-            b = Baseline(label, h, preset, None, train, teacher_ref, distill, data, limit, seed,
-                         fam, size)  # fmt: skip
+            b = Baseline(label, h, preset, None, train, teacher_ref, distill, data, own_limit,
+                         seed, fam, size)  # fmt: skip
         baselines.setdefault(b.hash, b)
         by_label[label] = b.hash
         return b.hash
@@ -622,7 +626,7 @@ def expand_study(study: str | Path | dict, data: str | None = None) -> Study:
                         "model": str(label),
                         "baseline": base.hash,
                         "data": spec,
-                        "limit": limit,
+                        "limit": base.limit,
                         "seed": seed,
                         "recipe": recipe,
                     }
@@ -964,11 +968,14 @@ class _Ray:
         self.ray = ray
         self._own = not ray.is_initialized()
         if self._own:
-            kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
-            if address:
-                ray.init(address=address, **kwargs)
-            else:
-                ray.init(num_cpus=_cores(), **kwargs)
+            try:
+                if address:
+                    ray.init(address=address, log_to_driver=False)
+                else:
+                    ray.init(num_cpus=_cores(), include_dashboard=False, log_to_driver=False)
+            except Exception as e:  # noqa: BLE001 - no cluster there, a version mismatch, ...
+                where = f" at {address}" if address else ""
+                raise VitcompressError(f"cannot start Ray{where}: {_one_line(e)}") from None
         cpus = float(resources_.get("cpus", 1)) or 1.0
         gpus = float(resources_.get("gpus", 0))
         self.threads = threads or max(1, int(cpus))
