@@ -189,13 +189,16 @@ def main(argv: list[str] | None = None) -> int:
             "load_avg_end": os.getloadavg(),
         }
         print(table(rows, 32), file=sys.stderr, flush=True)
-    results["ort_ops_int8_qdq"] = qdq_ops
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "RESULTS.md").write_text(render(results))
-    print(f"wrote {args.out / 'RESULTS.md'} and results.json", file=sys.stderr)
+        results["ort_ops_int8_qdq"] = qdq_ops
+        write(results, args.out)  # after every model: a long run keeps what it measured
     return 0
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "RESULTS.md").write_text(render(results))
+    print(f"wrote {out / 'RESULTS.md'} and results.json", file=sys.stderr)
 
 
 def render(res: dict) -> str:
