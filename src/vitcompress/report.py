@@ -196,7 +196,7 @@ def plot_sparsity(rows: list[dict], path: Path) -> bool:
         ax.plot(xs, ys, "o-", color=cmap(i), label=m)
         for k, s in enumerate(nm):
             if s in acc:
-                x = len(unstructured) + k
+                x = len(unstructured) + k + (i - (len(models) - 1) / 2) * 0.15  # side by side
                 ax.plot([x], [acc[s]], "s", color=cmap(i), ms=9, mfc="none", mew=2)
                 ax.annotate(f"{acc[s]:.1f}", (x, acc[s]), textcoords="offset points",
                             xytext=(8, -3), fontsize=7, color=cmap(i))  # fmt: skip
@@ -353,10 +353,18 @@ def plot_pareto(rows: list[dict], path: Path, cost: str) -> bool:
     fx = [pts[i][cost] / scale for i in front]
     fy = [pts[i]["top1"] * 100 for i in front]
     ax.step(fx, fy, where="post", color="k", lw=1, alpha=0.7, label="Pareto front")
+    ax.set_xscale("log")
+    ax.autoscale_view()
+    placed: list[tuple[float, float]] = []  # label anchors in pixels: skip crowded ones
     for i in front:
         r = pts[i]
-        ax.annotate(f"{r['model']} {r['recipe']}", (r[cost] / scale, r["top1"] * 100),
-                    textcoords="offset points", xytext=(4, 4), fontsize=7)  # fmt: skip
+        xy = (r[cost] / scale, r["top1"] * 100)
+        px, py = ax.transData.transform(xy)
+        if any(abs(py - qy) < 12 and abs(px - qx) < 170 for qx, qy in placed):
+            continue
+        placed.append((px, py))
+        ax.annotate(f"{r['model']} {r['recipe']}", xy, textcoords="offset points",
+                    xytext=(5, -10), fontsize=7)  # fmt: skip
     ax.set_xscale("log")
     from matplotlib.ticker import FuncFormatter, LogLocator
 
