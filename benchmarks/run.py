@@ -24,7 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# Before torch loads: OpenMP threads that busy-wait starve everything else on a shared machine
+# (see vitcompress.bench); libgomp reads this once, at load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -214,7 +218,10 @@ def render(res: dict) -> str:
         f"int8 ISA: {', '.join(m.get('int8_isa', [])) or '?'}; {m.get('platform')}",
         "- Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
         "- Threads pinned per table (torch.set_num_threads, onnxruntime intra_op_num_threads); "
-        "warm-up before timing.",
+        "warm-up before timing; no busy-waiting: `OMP_WAIT_POLICY=PASSIVE` for torch, "
+        "`session.intra_op.allow_spinning=0` for onnxruntime (with busy-waiting, torch and "
+        "onnxruntime in one process on 2 shared cores starved each other: torch fp32 vit-tiny "
+        "at batch 1 took 2100 ms instead of 46 ms).",
         f"- **Shared machine**: the {m.get('cpus')} CPUs were shared with other jobs (load "
         "averages under each table), so absolute times are slow and noisy. The *best* columns "
         "(fastest call of each variant) are the least disturbed estimate.",

@@ -23,6 +23,14 @@ Variants (names as in the results):
   run through :mod:`vitcompress.sparse_exec` (CSR) in torch, and dense in onnxruntime (which has
   no sparse kernel: same speed as fp32, listed to show it).
 
+Busy-waiting threads: torch's OpenMP threads (libgomp, ``OMP_WAIT_POLICY`` active by default)
+and onnxruntime's spinning thread pool each keep their cores busy after a call. Timed in one
+process on a shared 2-core machine, they starved each other: torch fp32 vit-tiny at batch 1
+took 2100 ms next to a spinning onnxruntime session, 46 ms with onnxruntime's spinning off and
+``OMP_WAIT_POLICY=PASSIVE`` (onnxruntime itself: 63 -> 36 ms). So onnxruntime sessions here do
+not spin, and ``benchmarks/run.py`` sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (it
+cannot be changed afterwards); each row records the policy it ran under.
+
 Random inputs (and random calibration batches unless ``calib`` is given): speed does not depend
 on the values, but accuracy does, so accuracy is measured elsewhere (``benchmarks/run.py``).
 """
@@ -32,6 +40,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -107,7 +116,7 @@ def _torch_runner(model: nn.Module) -> Callable[[np.ndarray], object]:
 def _ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
     from vitcompress.export import INPUT, ort_session
 
-    sess = ort_session(path, threads)
+    sess = ort_session(path, threads, spinning=False)
     return lambda x: sess.run(None, {INPUT: x})
 
 
@@ -370,6 +379,7 @@ def _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_di
                 f"throughput_best_b{batch}": batch / min(tb[v.name]),
                 "bytes_stored": v.bytes,
                 "threads": threads,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active)"),
                 "model": label,
                 "img_size": shape[1],
                 "notes": v.notes,

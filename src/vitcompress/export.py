@@ -310,8 +310,17 @@ def _torch_export(m: nn.Module, x: torch.Tensor, opset: int) -> bytes:
     return buf.getvalue()
 
 
-def ort_session(model: str | Path | bytes, threads: int | None = None, optimized_path=None):
-    """An onnxruntime CPU session (``threads`` intra-op threads, sequential execution)."""
+def ort_session(
+    model: str | Path | bytes,
+    threads: int | None = None,
+    optimized_path: str | Path | None = None,
+    spinning: bool = True,
+):
+    """An onnxruntime CPU session (``threads`` intra-op threads, sequential execution).
+
+    ``spinning=False`` stops its idle threads from busy-waiting after each run: on a shared
+    machine, or next to torch in one process, spinning threads steal the cores others need.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -319,6 +328,9 @@ def ort_session(model: str | Path | bytes, threads: int | None = None, optimized
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
