@@ -107,7 +107,8 @@ def test_compress_2of4_int8_end_to_end(trained, tmp_path, capsys):
     args = ["compress", "--checkpoint", str(trained), "--recipe", str(recipe), "--out", str(out)]
     assert main(args + ["--limit", "1000", "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
-    assert m["sparsity"] == 0.5 and m["pattern"] == "2:4" and m["format"] == "int8"
+    # half the pruned weights are zero; int8 rounding may zero a few tiny survivors too
+    assert 0.5 <= m["sparsity"] < 0.51 and m["pattern"] == "2:4" and m["format"] == "int8"
     assert m["runtime"] == "torch-int8" and m["latency_ms_b1"] > 0
     assert m["bytes_stored"] < m["bytes_fp32"] / 3
     assert m["params_nonzero"] < 0.6 * m["params_total"]

@@ -240,12 +240,13 @@ def train(
                 metrics.update({k: ev[k] for k in ("top1", "top5", "loss")})
         entry["wall_s"] = elapsed_before + time.perf_counter() - t_start
         history.append(entry)
-        tqdm.write(
+        tqdm.write(  # stderr: stdout stays clean for --json output
             "epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}".format(**entry)
             + (f", test top-1 {entry['test_top1']:.4f}" if "test_top1" in entry else "")
-            + f" ({entry['wall_s']:.0f} s)"
+            + f" ({entry['wall_s']:.0f} s)",
+            file=sys.stderr,
         )
-        sys.stdout.flush()  # epoch lines reach a log file as they happen
+        sys.stderr.flush()  # epoch lines reach a log file as they happen
         if out is not None:
             partial = {"history": history, "epochs_done": epoch + 1, "wall_s": entry["wall_s"]}
             save_run(out, model, run_config or {}, None)
