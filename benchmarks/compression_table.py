@@ -88,11 +88,14 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--finetune-steps", type=int, default=300)
     ap.add_argument("--only", help="substring: run only rows whose name contains it")
+    ap.add_argument("--no-finetune", action="store_true", help="skip rows that fine-tune")
     args = ap.parse_args()
     out = Path(args.out)
     results = []
     for name, steps in rows(args.finetune_steps):
         if args.only and args.only not in name:
+            continue
+        if args.no_finetune and any("finetune" in s for s in steps):
             continue
         run = out / slug(name)
         if (run / METRICS).is_file():
