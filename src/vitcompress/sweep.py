@@ -65,7 +65,8 @@ nothing. Several sweeps may share one OUT at once (SQLite in WAL mode; a baselin
 a file lock; a run another live sweep has started is left to it).
 
 Latency is measured while other jobs run when ``jobs > 1``: use ``jobs=1`` for timings you report.
-With ``executor="ray"`` OUT must be on a file system every node sees.
+With ``executor="ray"`` OUT must be on a file system every node sees, and every node needs
+vitcompress installed.
 """
 
 from __future__ import annotations
