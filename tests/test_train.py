@@ -51,6 +51,23 @@ def test_training_reduces_loss_and_learns(tiny_vit_cfg):
     assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
 
 
+def test_bf16_autocast_training_learns_and_keeps_fp32_weights(tiny_vit_cfg):
+    torch.manual_seed(0)
+    model = build_model(tiny_vit_cfg)
+    data = _toy_data()
+    before = evaluate(model, _loader(data, False))
+    cfg = TrainConfig(epochs=4, lr=3e-3, warmup_epochs=0.5, label_smoothing=0.0, amp="bf16")
+    train(model, _loader(data), None, cfg, device="cpu")
+    after = evaluate(model, _loader(data, False))
+    assert after["loss"] < before["loss"] * 0.7
+    assert after["top1"] > 0.8
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(VitcompressError, match="fp16' needs CUDA"):
+        train(model, _loader(data), None, TrainConfig(epochs=1, amp="fp16"), device="cpu")
+    with pytest.raises(VitcompressError, match="amp"):
+        TrainConfig(amp="int8")
+
+
 def test_one_step_reduces_loss_on_the_batch(tiny_vit_cfg):
     torch.manual_seed(0)
     model = build_model(tiny_vit_cfg)

@@ -18,17 +18,18 @@ Every tensor of the state dict is stored losslessly in the fewest bytes we know 
   the support of its sparse weight. Each derivation is checked bit for bit while saving; a
   tensor that does not round-trip exactly is stored plainly instead.
 
-Structure: the file's metadata holds ``config`` (``config["model"]`` builds the dense model)
-and a description of the compressed modules (low-rank ranks, quantised layers with their
-formats, int8 layers, masks, attention paths), from which :func:`load_packed` rebuilds the tree
-before the weights load. Saving first rebuilds that tree on the meta device and refuses a model
-it could not load back.
+Structure: the file's header (zlib-compressed JSON in a uint8 tensor) holds ``config``
+(``config["model"]`` builds the dense model) and a description of the compressed modules
+(low-rank ranks, quantised layers with their formats, int8 layers, masks, attention paths), from
+which :func:`load_packed` rebuilds the tree before the weights load. Saving first rebuilds that
+tree on the meta device and refuses a model it could not load back.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from vitcompress.models.checkpoints import atomic_write_bytes
 from vitcompress.sparsity import MASK
 
 META_KEY = "vitcompress.pack"
-VERSION = 1
+VERSION = 2  # 2: one compressed header + one data blob (1: a tensor per blob)
 NM_CANDIDATES = (4, 8, 16)  # group sizes M tried for the N:M layout
 _CHUNK = 1 << 20  # elements per bit-packing chunk (bounds temporary memory)
 
@@ -652,8 +653,23 @@ def _serialize(model: nn.Module, config: dict) -> bytes:
         "derived": derived,
         "mask_of": mask_of,
     }
-    blobs = {k: v.contiguous() for k, v in blobs.items()}
-    return st_save(blobs, metadata={META_KEY: json.dumps(header, separators=(",", ":"))})
+    return _container(header, blobs)
+
+
+def _container(header: dict, blobs: dict[str, torch.Tensor]) -> bytes:
+    """A safetensors file of two uint8 tensors: ``header`` (zlib-compressed JSON) and ``data``
+    (every blob back to back, located by the header). One tensor table entry per blob and an
+    uncompressed JSON header cost ~60 KB on a small ViT: 7 % of its INT8 size."""
+    index, chunks, offset = {}, [], 0
+    for k, v in blobs.items():
+        raw = v.contiguous().reshape(-1).view(torch.uint8)
+        index[k] = {"dtype": _dtype_name(v.dtype), "numel": v.numel(), "offset": offset}
+        chunks.append(raw)
+        offset += raw.numel()
+    text = json.dumps({**header, "blobs": index}, separators=(",", ":")).encode()
+    packed_header = torch.frombuffer(bytearray(zlib.compress(text, 9)), dtype=torch.uint8)
+    data = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
+    return st_save({"header": packed_header, "data": data}, metadata={META_KEY: str(VERSION)})
 
 
 def save_packed(model: nn.Module, path: str | Path, config: dict) -> int:
@@ -692,10 +708,22 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         n = int.from_bytes(data[:8], "little")
         if n <= 0 or 8 + n > len(data):
             raise ValueError("header length out of range")
-        meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
-        header = json.loads(meta[META_KEY])
-        blobs = st_load(data)
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        if meta.get(META_KEY) != str(VERSION):
+            raise VitcompressError(f"{path}: not a vitcompress packed file of version {VERSION}")
+        tensors = st_load(data)
+        header = json.loads(zlib.decompress(tensors["header"].numpy().tobytes()))
+        flat = tensors["data"]
+        blobs = {}
+        for k, b in header.pop("blobs").items():
+            dt = _DTYPES[b["dtype"]]
+            nbytes = int(b["numel"]) * torch.empty(0, dtype=dt).element_size()
+            start = int(b["offset"])
+            if start < 0 or start + nbytes > flat.numel():
+                raise ValueError(f"blob {k!r} lies outside the data")
+            blobs[k] = flat[start : start + nbytes].clone().view(dt)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError,
+            zlib.error) as e:  # fmt: skip
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise VitcompressError(f"corrupt packed file {path}: {msg}") from None
     if not isinstance(header, dict) or header.get("version") != VERSION:

@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1  # evaluate on the test split every N epochs (and always at the end)
     max_steps: int | None = None  # stop after this many optimizer steps (a fine-tuning budget)
+    amp: str | None = None  # "bf16" (CPU or CUDA) or "fp16" (CUDA): autocast forward passes
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -62,6 +63,8 @@ class TrainConfig:
             )
         if not 0 <= self.distill_alpha <= 1:
             raise VitcompressError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise VitcompressError(f"amp must be 'bf16' or 'fp16', got {self.amp!r}")
         if not 0 <= self.label_smoothing < 1:
             raise VitcompressError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -184,6 +187,15 @@ def train(
         start_epoch, history, elapsed_before = _load_train_state(out, model, opt)
         model.to(device)
 
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise VitcompressError("amp='fp16' needs CUDA; use amp='bf16' on the CPU")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp or "")
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
     step = start_epoch * steps_per_epoch
     t_start = time.perf_counter()
     metrics: dict = {}
@@ -201,10 +213,12 @@ def train(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
-            out_ = model(x)
+            with autocast():
+                out_ = model(x)
+            out_ = tuple(o.float() for o in out_) if isinstance(out_, tuple) else out_.float()
             if cfg.distill:
-                with torch.no_grad():
-                    t_logits = _logits(teacher(x))
+                with torch.no_grad(), autocast():
+                    t_logits = _logits(teacher(x)).float()
                 loss = distillation_loss(
                     out_, y, t_logits, cfg.distill, cfg.distill_alpha, cfg.distill_tau,
                     cfg.label_smoothing,
@@ -218,10 +232,12 @@ def train(
             if not torch.isfinite(loss):
                 raise VitcompressError(f"loss became {loss.item()} at step {step}; lower --lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.clip_grad:
+                scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             for cb in after_step or []:
                 cb(step)

@@ -113,6 +113,7 @@ def train_run(
     force: bool = False,
     device: str = "auto",
     drop_path: float = 0.0,
+    amp: str | None = None,
 ) -> dict:
     """Train a preset on a data source into run directory ``out``; returns its metrics."""
     out = Path(out)
@@ -132,6 +133,7 @@ def train_run(
         distill_alpha=distill_alpha,
         distill_tau=distill_tau,
         seed=seed,
+        amp=amp,
     )
     if resume:
         from vitcompress.models.checkpoints import read_json
