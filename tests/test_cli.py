@@ -51,6 +51,24 @@ def test_trained_model_learns_real_data(trained, capsys):
 
 
 @needs_fmnist
+def test_init_from_starts_at_the_trained_weights(trained, tmp_path, capsys):
+    # at lr 1e-6 one epoch barely moves the weights: the accuracy is the starting point's
+    common = ["--epochs", "1", "--limit", "1000", "--lr", "1e-6", "--no-augment"]
+    out = tmp_path / "cont"
+    assert main(["train", "--model", "vit-nano", "--out", str(out), *common,
+                 "--init-from", str(trained)]) == 0  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text())["top1"] > 0.4
+    assert json.loads((out / "config.json").read_text())["init_from"] == str(trained)
+    fresh = tmp_path / "fresh"
+    assert main(["train", "--model", "vit-nano", "--out", str(fresh), *common]) == 0
+    assert json.loads((fresh / "metrics.json").read_text())["top1"] < 0.3
+    capsys.readouterr()
+    bad = ["train", "--model", "vit-micro", "--out", str(tmp_path / "bad"), "--init-from"]
+    assert main([*bad, str(trained), *common]) == 2
+    assert "shape" in _err_line(capsys)
+
+
+@needs_fmnist
 def test_training_refuses_to_overwrite_a_finished_run(trained, capsys):
     assert main(["train", "--model", "vit-nano", "--out", str(trained)]) == 2
     assert "already holds a finished run" in _err_line(capsys)

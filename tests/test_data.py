@@ -88,6 +88,26 @@ def test_fashion_mnist_augmentation_and_determinism(fmnist):
 
 
 @needs_fmnist
+@pytest.mark.parametrize("mode", ["flip", "crop", "none"])
+def test_augment_modes_do_only_what_they_say(mode):
+    train, _, _ = load_data("fashion-mnist", limit=64, augment=mode)
+    norm = ImageTransform((0.286,), (0.353,))
+    torch.manual_seed(0)
+    kinds = set()
+    for i in range(64):
+        x, img = train[i][0], train.images[i]
+        flipped = torch.allclose(x, norm(img.flip(-1)), atol=1e-5)
+        same = torch.allclose(x, norm(img), atol=1e-5)
+        kinds.add("same" if same else "flip" if flipped else "moved")
+    if mode == "crop":  # an unmoved crop (1 in 49) may or may not come up
+        assert "moved" in kinds and "flip" not in kinds
+    else:
+        assert kinds == {"flip": {"same", "flip"}, "none": {"same"}}[mode]
+    with pytest.raises(VitcompressError, match="augment must be"):
+        load_data("fashion-mnist", limit=8, augment="rotate")
+
+
+@needs_fmnist
 def test_fashion_mnist_resize_and_three_channels():
     train, test, info = load_data("fashion-mnist", 32, channels=3, limit=50, augment=False)
     assert (len(train), len(test), info.num_train, info.num_test) == (50, 50, 50, 50)

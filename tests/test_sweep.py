@@ -182,6 +182,8 @@ def test_grid_syntax_substitutes_values_labels_and_builtins():
         ("models: {v: {preset: vit-nano}}\nrecipes: [{name: a, steps: [quantize: {}]}, "
          "{name: a, steps: [quantize: {}]}]\n", r"comes out twice"),
         ("models: {v: {preset: vit-nano}\nrecipes: [\n", r"not valid YAML"),
+        ("models: {v: {preset: vit-nano, amp: fp8}}\nrecipes: [{name: a, steps: "
+         "[quantize: {}]}]\n", r"models\.v: amp must be bf16, fp16 or null"),
     ],
 )  # fmt: skip
 def test_malformed_study_is_one_line_error_naming_file_and_key(tmp_path, text, match):

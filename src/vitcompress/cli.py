@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         distill=args.distill,
         distill_alpha=args.distill_alpha,
         distill_tau=args.distill_tau,
-        augment=not args.no_augment,
+        augment="none" if args.no_augment else args.augment,
         seed=args.seed,
         limit=args.limit,
         resume=args.resume,
@@ -86,6 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         drop_path=args.drop_path,
         amp=args.amp,
+        init_from=Path(args.init_from) if args.init_from else None,
     )
     print(_metrics_line(metrics))
     print(f"run directory: {args.out}")
@@ -230,12 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed precision: bf16 autocast (1.6x faster for the ResNet teacher on this CPU), "
         "fp16 on CUDA only",
     )
+    p.add_argument(
+        "--init-from",
+        metavar="RUN_DIR",
+        help="start from this run's weights (same model) with a fresh schedule",
+    )
     _add_model_size_args(p)
     p.add_argument("--teacher", help="run directory of a trained teacher")
     p.add_argument("--distill", choices=["soft", "hard"], help="distillation kind (with --teacher)")
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-tau", type=float, default=3.0)
-    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument(
+        "--augment",
+        choices=["crop+flip", "flip", "crop", "none"],
+        default="crop+flip",
+        help="training augmentation: random crop with padding and/or horizontal flip",
+    )
+    p.add_argument("--no-augment", action="store_true", help="same as --augment none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="use only the first N images of each split")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

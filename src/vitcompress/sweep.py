@@ -40,7 +40,8 @@ A study is a YAML file (or a built-in name: ``smoke``, ``seed``, ``seed-full``):
 
 Model keys: ``preset`` or ``run``; training settings ``epochs``, ``lr``, ``batch_size``,
 ``weight_decay``, ``warmup_epochs``, ``label_smoothing``, ``augment``, ``img_size``,
-``patch_size``, ``drop_path``; ``limit`` (this model's own image limit, e.g. for a teacher; runs
+``patch_size``, ``drop_path``, ``amp`` (``bf16``: autocast, faster for a ResNet on the CPU);
+``limit`` (this model's own image limit, e.g. for a teacher; runs
 on a model are evaluated on its first N test images too); ``teacher`` (a label under
 ``teachers`` or ``models``, or a run directory) with ``distill`` (``hard`` or ``soft``, default
 hard), ``distill_alpha``, ``distill_tau``. Teachers take the same keys.
@@ -91,6 +92,7 @@ from typing import Any
 
 import yaml
 
+from vitcompress.data import AUGMENT_MODES
 from vitcompress.errors import VitcompressError
 
 BUILTIN = ("smoke", "seed", "seed-full")
@@ -113,6 +115,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "drop_path": 0.0,
     "distill_alpha": 0.5,
     "distill_tau": 3.0,
+    "amp": None,
 }
 MODEL_KEYS = ("preset", "run", "teacher", "distill", "limit", *TRAIN_DEFAULTS)
 BUILTIN_VARS = ("distill", "teacher", "model")
@@ -302,8 +305,12 @@ def _check_train(train: dict, where: str) -> None:
             raise VitcompressError(f"{where}: {k} must be a number >= 0, got {v!r}")
     if not train["lr"] > 0:
         raise VitcompressError(f"{where}: lr must be > 0, got {train['lr']!r}")
-    if not isinstance(train["augment"], bool):
-        raise VitcompressError(f"{where}: augment must be true or false")
+    if train["amp"] not in (None, "bf16", "fp16"):
+        raise VitcompressError(f"{where}: amp must be bf16, fp16 or null, got {train['amp']!r}")
+    if not isinstance(train["augment"], bool) and train["augment"] not in AUGMENT_MODES:
+        raise VitcompressError(
+            f"{where}: augment must be true, false or one of {', '.join(AUGMENT_MODES)}"
+        )
 
 
 def _resolve_models(
@@ -809,6 +816,7 @@ def _train_baseline(task: dict) -> dict:
             force=not resume,
             device=task["device"],
             drop_path=tr["drop_path"],
+            amp=tr["amp"],
         )
 
 

@@ -106,7 +106,7 @@ def train_run(
     distill: str | None = None,
     distill_alpha: float = 0.5,
     distill_tau: float = 3.0,
-    augment: bool = True,
+    augment: bool | str = True,
     seed: int = 0,
     limit: int | None = None,
     resume: bool = False,
@@ -114,8 +114,13 @@ def train_run(
     device: str = "auto",
     drop_path: float = 0.0,
     amp: str | None = None,
+    init_from: Path | None = None,
 ) -> dict:
-    """Train a preset on a data source into run directory ``out``; returns its metrics."""
+    """Train a preset on a data source into run directory ``out``; returns its metrics.
+
+    ``init_from``: a run directory of the same model whose weights start this training (a
+    fresh schedule and optimizer; for continuing a finished run with more epochs).
+    """
     out = Path(out)
     if distill and teacher is None:
         raise VitcompressError("--distill needs --teacher RUN_DIR")
@@ -142,6 +147,7 @@ def train_run(
         model_cfg, data_cfg = saved["model"], saved["data"]
         cfg = TrainConfig(**saved["train"])
         teacher = Path(saved["teacher"]) if saved.get("teacher") else None
+        init_from = Path(saved["init_from"]) if saved.get("init_from") else None
     else:
         preset = model_config(model)
         size = resolve_img_size(data, preset, img_size)
@@ -169,6 +175,11 @@ def train_run(
         )
     torch.manual_seed(seed)
     net = build_model(model_cfg)
+    if init_from is not None and not resume:
+        from vitcompress.models.checkpoints import WEIGHTS, load_state_checked, read_weights
+
+        init_w = Path(init_from) / WEIGHTS
+        load_state_checked(net, read_weights(init_w), str(init_w))
     teacher_net = load_teacher(teacher, model_cfg) if teacher is not None else None
     run_config = {
         "model": model_cfg,
@@ -176,6 +187,7 @@ def train_run(
                  "std": list(info.std)},
         "train": cfg.to_dict(),
         "teacher": str(teacher) if teacher is not None else None,
+        "init_from": str(init_from) if init_from is not None else None,
         "seed": seed,
         "command": " ".join(["vitcompress", *sys.argv[1:]]) if sys.argv else None,
         "versions": versions(),

@@ -75,12 +75,28 @@ def _check(
         raise VitcompressError(f"channels must be 1 or 3, got {channels!r}")
 
 
+AUGMENT_MODES = ("crop+flip", "flip", "crop", "none")
+
+
+def augment_mode(augment: bool | str) -> tuple[bool, bool]:
+    """``(crop, flip)`` of an augmentation setting: True / False or one of AUGMENT_MODES."""
+    if augment is True:
+        augment = "crop+flip"
+    elif augment is False:
+        augment = "none"
+    if augment not in AUGMENT_MODES:
+        raise VitcompressError(
+            f"augment must be true, false or one of {', '.join(AUGMENT_MODES)}, got {augment!r}"
+        )
+    return "crop" in augment, "flip" in augment
+
+
 def load_data(
     spec: str,
     img_size: int | None = None,
     *,
     seed: int = 0,
-    augment: bool = True,
+    augment: bool | str = True,
     val_fraction: float = 0.2,
     limit: int | None = None,
     channels: int | None = None,
@@ -93,7 +109,8 @@ def load_data(
         img_size: side of the square images that come out; None keeps the source's own
             (28 fashion-mnist, 32 cifar10, 224 imagefolder).
         seed: the per-class split of an image folder without ``train/``/``val/`` folders.
-        augment: random crop (padding ``img_size // 8``) and horizontal flip on training samples.
+        augment: random crop (padding ``img_size // 8``) and horizontal flip on training samples
+            (True), none (False), or one of them: ``"crop"``, ``"flip"``.
         val_fraction: share of each class held out when an image folder is split here.
         limit: keep only the first ``limit`` samples of each split (smoke runs, tests).
         channels: 1 or 3 to convert (gray repeated to RGB, RGB to luminance); None keeps the
@@ -101,12 +118,15 @@ def load_data(
         flip: allow the horizontal flip when augmenting.
     """
     _check(img_size, val_fraction, limit, channels)
+    crop, flip_ok = augment_mode(augment)
+    augment, flip = crop or (flip and flip_ok), flip and flip_ok
+    pad = None if crop else 0
     kind, path = parse_spec(spec)
     size = img_size or DEFAULT_SIZE[kind]
     if kind == "imagefolder":
         assert path is not None
         return _load_imagefolder(
-            spec, path, size, seed, augment, val_fraction, limit, channels, flip
+            spec, path, size, seed, augment, val_fraction, limit, channels, flip, pad
         )
     if kind == "fashion-mnist":
         train, test = fashion_mnist.load_arrays(path or fashion_mnist.DEFAULT_DIR)
@@ -118,7 +138,7 @@ def load_data(
     out_channels = channels or train[0].shape[1]
     tr, te, mean, std = memory.build(
         train, test, classes, mean, std,
-        img_size=size, channels=out_channels, augment=augment, flip=flip, limit=limit,
+        img_size=size, channels=out_channels, augment=augment, flip=flip, limit=limit, pad=pad,
     )  # fmt: skip
     info = DataInfo(kind, spec, list(classes), out_channels, size, mean, std, len(tr), len(te))
     return tr, te, info
@@ -134,6 +154,7 @@ def _load_imagefolder(
     limit: int | None,
     channels: int | None,
     flip: bool,
+    pad: int | None,
 ) -> tuple[Dataset, Dataset, DataInfo]:
     classes, train, val = imagefolder.scan(path, val_fraction, seed)
     out_channels = channels or 3
@@ -143,7 +164,7 @@ def _load_imagefolder(
         train, val = train[:limit], val[:limit]
     datasets = [
         imagefolder.ImageFileDataset(
-            samples, classes, size, mode, ImageTransform(mean, std, augment=aug, flip=flip)
+            samples, classes, size, mode, ImageTransform(mean, std, augment=aug, flip=flip, pad=pad)
         )
         for samples, aug in ((train, augment), (val, False))
     ]

@@ -72,6 +72,7 @@ def build(
     channels: int,
     augment: bool,
     flip: bool,
+    pad: int | None = None,
     limit: int | None,
 ) -> tuple[TensorImageDataset, TensorImageDataset, tuple[float, ...], tuple[float, ...]]:
     """Train and test datasets from uint8 (N, C, H, W) images and labels; returns the stats used.
@@ -98,6 +99,6 @@ def build(
                 x = _map_chunks(x, lambda b: resize(b, img_size))
             else:
                 lazy = img_size
-        t = ImageTransform(mean, std, augment=aug, flip=flip, size=lazy)
+        t = ImageTransform(mean, std, augment=aug, flip=flip, size=lazy, pad=pad)
         datasets.append(TensorImageDataset(x.contiguous(), y, classes, t))
     return datasets[0], datasets[1], tuple(map(float, mean)), tuple(map(float, std))
