@@ -100,11 +100,17 @@ def test_flops_of_vit_tiny_match_timm():
     [
         (dict(img_size=30, patch_size=4), "multiple of patch_size"),
         (dict(num_classes=0), "num_classes"),
+        (dict(channels=1), r"unknown ViT setting\(s\) \['channels'\]"),
     ],
 )
 def test_bad_model_configs(kwargs, match):
     with pytest.raises(VitcompressError, match=match):
         model_config("vit-nano", **kwargs)
+
+
+def test_unknown_resnet_setting():
+    with pytest.raises(VitcompressError, match=r"unknown ResNet setting\(s\) \['depth'\]"):
+        model_config("resnet-micro", depth=4)
 
 
 def test_unknown_preset():

@@ -7,7 +7,7 @@ CIFAR-sized inputs; a 7x7 stride-2 stem with max-pool otherwise.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -143,6 +143,10 @@ def resnet_config(name: str, **overrides) -> ResNetConfig:
     if name not in RESNET_PRESETS:
         raise VitcompressError(f"unknown ResNet preset {name!r}")
     args = dict(RESNET_PRESETS[name])
+    known = {f.name for f in fields(ResNetConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise VitcompressError(f"unknown ResNet setting(s) {unknown}; known: {sorted(known)}")
     args.update({k: v for k, v in overrides.items() if v is not None})
     if "layers" in args:
         args["layers"] = tuple(args["layers"])

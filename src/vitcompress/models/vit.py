@@ -8,7 +8,7 @@ patterns in recipes mean the same thing on every ViT.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -218,5 +218,9 @@ def vit_config(name: str, **overrides) -> ViTConfig:
         raise VitcompressError(f"unknown ViT preset {name!r}")
     args = dict(VIT_PRESETS[size])
     args["distilled"] = family == "deit"
+    known = {f.name for f in fields(ViTConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise VitcompressError(f"unknown ViT setting(s) {unknown}; known: {sorted(known)}")
     args.update({k: v for k, v in overrides.items() if v is not None})
     return ViTConfig(**args)
