@@ -64,6 +64,17 @@ def _int8(cfg):
     return m
 
 
+def _int8_fp16_rest(cfg):
+    m = _dense(cfg)
+    with torch.no_grad():  # non-trivial biases and norms, as in a trained model
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1)
+    quantize_(m, QuantizeConfig(granularity="per_channel", scales="fp16", rest="fp16"), _calib())
+    to_int8_(m)
+    return m
+
+
 def _int4_group(cfg):
     m = _dense(cfg)
     quantize_(m, QuantizeConfig(weights="int4", activations=None, granularity="per_group",
@@ -94,6 +105,7 @@ BUILDERS = {
     "unstructured90": _pruned_90,
     "lowrank": _lowrank,
     "int8": _int8,
+    "int8_fp16_scales_rest": _int8_fp16_rest,
     "int4_per_group": _int4_group,
     "fp4": _fp4,
     "2:4+int8_real": _int8_real_24,
@@ -150,6 +162,25 @@ def test_sizes_shrink_by_the_expected_factor(tiny_vit_cfg, tmp_path):
     # 90 % unstructured: 10 % of the values plus a 1-bit mask per weight
     saved90 = base - _payload(_pruned_90(tiny_vit_cfg), cfg, tmp_path)
     assert saved90 > 0.95 * (4 - 0.4 - 0.125) * block_w
+
+
+def test_fp16_scales_and_rest_take_two_bytes(tiny_vit_cfg, tmp_path):
+    cfg = {"model": tiny_vit_cfg}
+    m = _int8_fp16_rest(tiny_vit_cfg)
+    torch.manual_seed(0)
+    fp32 = _dense(tiny_vit_cfg)
+    with torch.no_grad():
+        for p in fp32.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1)
+    quantize_(fp32, QuantizeConfig(granularity="per_channel"), _calib())
+    to_int8_(fp32)
+    linear_w = sum(q.out_features * q.in_features for q in m.modules() if hasattr(q, "qweight"))
+    rest = bytes_fp32(m) // 4 - linear_w
+    scales = sum(q.weight_scale.numel() for q in m.modules() if hasattr(q, "qweight"))
+    # every parameter but the int8 codes, and every weight scale, from 4 bytes to 2
+    saved = _payload(fp32, cfg, tmp_path) - _payload(m, cfg, tmp_path)
+    assert saved >= 0.98 * 2 * (rest + scales)
 
 
 def test_masks_are_rebuilt_not_stored(tiny_vit_cfg, tmp_path):

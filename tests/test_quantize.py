@@ -16,6 +16,7 @@ from vitcompress.quantize import (
     QuantLinear,
     QuantMatMul,
     quantize_,
+    round_scale,
     to_int8_,
 )
 
@@ -117,6 +118,8 @@ def test_missing_calibration_data_raises_before_any_change(vit_and_data):
         (dict(calibration=dict(method="kl")), "method"),
         (dict(calibration=dict(bathces=4)), "calibration"),
         (dict(targets=["re:blocks.(["]), "regular expression"),
+        (dict(scales="fp8"), "scales"),
+        (dict(rest="int8"), "rest"),
     ],
 )
 def test_bad_config_values_fail_at_construction(kwargs, field):
@@ -299,3 +302,34 @@ def test_to_int8_rejects_weight_only_and_needs_quant_layers(vit_and_data):
         to_int8_(m)
     with pytest.raises(VitcompressError, match="QuantLinear"):
         to_int8_(copy.deepcopy(vit_and_data[0]))
+
+
+def test_fp16_scales_and_rest(vit_and_data):
+    model = vit_and_data[0]
+    _, ref8, ref = quantized(vit_and_data, QuantizeConfig(dynamic=True))
+    m, y, _ = quantized(vit_and_data, QuantizeConfig(dynamic=True, scales="fp16", rest="fp16"))
+    assert sqnr(ref, y) > 30 and sqnr(ref, y) > sqnr(ref, ref8) - 3  # costs little accuracy
+    for name, layer in m.named_modules():
+        if isinstance(layer, QuantLinear):
+            s = layer.weight_scale
+            assert torch.equal(s.half().float(), s) and (s > 0).all(), name
+            # the codes are those of the rounded scale, and weight = codes x scale exactly
+            w = model.get_submodule(name).weight.detach()
+            codes = quantize_int(w, s, torch.zeros_like(s), -127, 127)
+            assert torch.equal(layer.qweight.float(), codes.float()), name
+            assert torch.equal(layer.weight, layer.qweight.float() * s), name
+    derived = {id(q.weight) for q in m.modules() if isinstance(q, QuantLinear)}
+    rest = [p for p in m.parameters() if id(p) not in derived]
+    assert rest and all(torch.equal(p.half().float(), p) for p in rest)
+    # and the model's other parameters were really rounded, not already fp16-exact
+    assert not torch.equal(model.pos_embed.half().float(), model.pos_embed)
+    assert torch.equal(m.pos_embed, model.pos_embed.half().float())
+
+
+def test_round_scale_stays_positive_and_finite():
+    s = torch.tensor([1e-30, 3e-8, 1.0 / 3, 1e6])
+    r16 = round_scale(s, torch.float16)
+    assert torch.equal(r16, torch.tensor([2.0**-24, 2.0**-25 * 2, 0.333251953125, 65504.0]))
+    r_bf = round_scale(s, torch.bfloat16)
+    assert torch.equal(r_bf, s.bfloat16().float()) and (r_bf > 0).all()
+    assert round_scale(s, torch.float32) is s
