@@ -222,9 +222,11 @@ def render(res: dict) -> str:
         "`session.intra_op.allow_spinning=0` for onnxruntime (with busy-waiting, torch and "
         "onnxruntime in one process on 2 shared cores starved each other: torch fp32 vit-tiny "
         "at batch 1 took 2100 ms instead of 46 ms).",
-        f"- **Shared machine**: the {m.get('cpus')} CPUs were shared with other jobs (load "
-        "averages under each table), so absolute times are slow and noisy. The *best* columns "
-        "(fastest call of each variant) are the least disturbed estimate.",
+        f"- Load: the 1-minute load average is printed under each table. The benchmark keeps "
+        f"{res['models'] and next(iter(res['models'].values()))['threads']} threads busy, so a "
+        "load near that is a quiet machine and more means other jobs shared the CPUs (absolute "
+        "times then slow and noisy; the *best* columns, the fastest call of each variant, are "
+        "the least disturbed estimate).",
         "",
         "Columns: latency at batch 1 (median, p90, best) in ms; throughput at batch 32 in "
         "images/s (from the median and from the best batch time); size of the artifact the "

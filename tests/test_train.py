@@ -51,7 +51,10 @@ def test_training_reduces_loss_and_learns(tiny_vit_cfg):
     assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
 
 
-def test_bf16_autocast_training_learns_and_keeps_fp32_weights(tiny_vit_cfg):
+def test_bf16_autocast_training_learns_and_keeps_fp32_weights(tiny_vit_cfg, monkeypatch):
+    import vitcompress.train as train_mod
+
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)  # slow without, but correct
     torch.manual_seed(0)
     model = build_model(tiny_vit_cfg)
     data = _toy_data()
@@ -66,6 +69,20 @@ def test_bf16_autocast_training_learns_and_keeps_fp32_weights(tiny_vit_cfg):
         train(model, _loader(data), None, TrainConfig(epochs=1, amp="fp16"), device="cpu")
     with pytest.raises(VitcompressError, match="amp"):
         TrainConfig(amp="int8")
+
+
+def test_bf16_falls_back_to_fp32_on_a_cpu_without_bf16(tiny_vit_cfg, monkeypatch, capsys):
+    import vitcompress.train as train_mod
+
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: False)
+    weights = []
+    for amp in ("bf16", None):
+        torch.manual_seed(0)
+        model = build_model(tiny_vit_cfg)
+        train(model, _loader(_toy_data()), None, TrainConfig(epochs=1, amp=amp), device="cpu")
+        weights.append(model.state_dict())
+    assert "no native bf16" in capsys.readouterr().err
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_one_step_reduces_loss_on_the_batch(tiny_vit_cfg):

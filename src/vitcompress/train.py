@@ -86,6 +86,15 @@ def pick_device(device: str | None = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (measured here: an AMD EPYC with AVX2
+    only ran a bf16 ResNet training step in 1,970 ms against 200 ms in fp32)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
     """Linear warm-up from lr/100 to lr, then cosine decay to min_lr."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -190,6 +199,13 @@ def train(
     if cfg.amp == "fp16" and device.type != "cuda":
         raise VitcompressError("amp='fp16' needs CUDA; use amp='bf16' on the CPU")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp or "")
+    if amp_dtype is torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
+        print(
+            "vitcompress: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 autocast "
+            "runs ~10x slower than fp32: training in fp32 instead",
+            file=sys.stderr,
+        )
+        amp_dtype = None
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
 
