@@ -246,20 +246,21 @@ def close_to_emulation(out: torch.Tensor, emu: torch.Tensor) -> None:
     ],
 )
 def test_real_int8_matches_emulation(vit_and_data, cfg, backend):
-    if backend == "fbgemm" and not cpu_has_vnni():
-        pytest.skip("without VNNI fbgemm's uint8 x int8 kernel saturates (auto avoids it)")
     m, y_emu, _ = quantized(vit_and_data, cfg)
+    # without VNNI fbgemm's uint8 x int8 kernel saturates int16 pair sums: close, not exact
+    exact = cfg.dynamic or backend == "int_mm" or not HAS_FBGEMM or cpu_has_vnni()
     to_int8_(m, backend=backend)
     layer = m.blocks[0].mlp.fc1
     assert isinstance(layer, Int8Linear) and layer.dynamic == cfg.dynamic
     assert layer.qweight.dtype == torch.int8
     assert any(p is layer.qweight for p in m.parameters())  # counted, at one byte each
     with torch.no_grad():
-        close_to_emulation(m(vit_and_data[2]), y_emu)
-        if not cfg.dynamic and HAS_FBGEMM and cpu_has_vnni():  # auto picks fbgemm, it ran
+        if exact:
+            close_to_emulation(m(vit_and_data[2]), y_emu)
+        else:
+            assert sqnr(y_emu, m(vit_and_data[2])) > 15
+        if not cfg.dynamic and HAS_FBGEMM:  # auto picks fbgemm for static, and it ran
             assert (layer.backend == "int_mm") == (backend == "int_mm")
-        elif not cpu_has_vnni():  # auto and int_mm both run the exact torch._int_mm
-            assert layer.backend == "int_mm"
         twin = copy.deepcopy(m)  # the prepacked cache is not copied, but rebuilt
         torch.testing.assert_close(twin(vit_and_data[2]), m(vit_and_data[2]), rtol=0, atol=0)
 
