@@ -8,6 +8,7 @@ from vitcompress.sparse_exec import (
     SparseLinear,
     predicted_speedup,
     sparsify_for_inference_,
+    summary,
 )
 from vitcompress.sparsity import PruneConfig, prune_
 
@@ -70,3 +71,11 @@ def test_sparsify_model_predicted_and_measured(tiny_vit_cfg):
 def test_sparsify_rejects_bad_sparsity():
     with pytest.raises(VitcompressError, match="min_sparsity"):
         sparsify_for_inference_(nn.Sequential(nn.Linear(2, 2)), min_sparsity=1.5)
+
+
+def test_summary_line_with_and_without_converted_layers():
+    r = {"a": {"speedup": 1.5, "converted": True}, "b": {"speedup": 0.9, "converted": False},
+         "c": {"speedup": 2.5, "converted": True}}  # fmt: skip
+    assert summary(r) == "2/3 candidate layers sparse (median speed-up 2.00x)"
+    r = {"a": {"speedup": 1.05, "converted": False}, "b": {"speedup": 0.5, "converted": False}}
+    assert summary(r) == "0/2 candidate layers sparse (none beat dense; best 1.05x)"

@@ -190,7 +190,10 @@ def sparsify_for_inference_(
 def summary(report: dict[str, dict]) -> str:
     """One line: how many layers were converted and their median speed-up."""
     conv = [r["speedup"] for r in report.values() if r["converted"]]
-    med = statistics.median(conv) if conv else float("nan")
+    if not conv:
+        best = max((r["speedup"] for r in report.values()), default=float("nan"))
+        return f"0/{len(report)} candidate layers sparse (none beat dense; best {best:.2f}x)"
+    med = statistics.median(conv)
     return f"{len(conv)}/{len(report)} candidate layers sparse (median speed-up {med:.2f}x)"
 
 
