@@ -277,9 +277,10 @@ def render(res: dict) -> str:
         "fp32 export (the peer); `ort-int8-qdq` is our QDQ export of the same quantised model "
         "as `torch-int8` (the classifier head stays fp32 in both).",
         "- On a CPU without VNNI (the machine's int8 ISA line lists none of avx512_vnni, "
-        "avx_vnni, amx_int8) fbgemm's and onnxruntime's uint8 x int8 kernels saturate int16 "
-        "pair sums, so `torch-int8` and `ort-int8-*` top-1 can sit a little below the exact "
-        "integer result (README, Real INT8); `torch._int_mm` is exact but ~10x slower there.",
+        "avx_vnni, amx_int8) fbgemm's uint8 x int8 kernel saturates int16 pair sums and "
+        "onnxruntime's is inexact too, so `torch-int8` and `ort-int8-*` top-1 can sit a little "
+        "below the exact integer result (README, Real INT8); `torch._int_mm` is exact but ~10x "
+        "slower there.",
         "- Low rank: MLP and patch projection factorised at rank ratio 0.25, one shot, random "
         "weights (speed and size only; accuracy needs a fine-tuned run).",
         "- Unstructured sparsity runs dense in onnxruntime (`ort-sparse-*`: no sparse kernel, "

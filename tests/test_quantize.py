@@ -339,3 +339,13 @@ def test_round_scale_stays_positive_and_finite():
     r_bf = round_scale(s, torch.bfloat16)
     assert torch.equal(r_bf, s.bfloat16().float()) and (r_bf > 0).all()
     assert round_scale(s, torch.float32) is s
+
+
+@pytest.mark.skipif(not HAS_FBGEMM, reason="no fbgemm/x86 quantized engine")
+def test_fbgemm_is_exact_with_7_bit_weights_on_any_cpu(vit_and_data):
+    # 255 x 63 x 2 fits int16: no saturation even without VNNI
+    m, y_emu, _ = quantized(vit_and_data, QuantizeConfig(weights="int7"))
+    to_int8_(m, backend="fbgemm")
+    assert m.blocks[0].mlp.fc1.qweight.abs().max() <= 63
+    with torch.no_grad():
+        close_to_emulation(m(vit_and_data[2]), y_emu)

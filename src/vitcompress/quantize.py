@@ -497,7 +497,10 @@ def cpu_has_vnni() -> bool:
     integer GEMM (measured on an AVX2-only AMD EPYC: 10 % of the output range on a random toy
     ViT, -0.04 points of top-1 on the trained Fashion-MNIST vit-nano). ``torch._int_mm``
     stays exact there but runs ~10x slower than fbgemm, so ``backend="auto"`` keeps fbgemm for
-    speed and ``backend="int_mm"`` is the exact choice.
+    speed; exact choices there are ``backend="int_mm"``, or 7-bit weights (``weights: int7``,
+    codes in [-63, 63]: 255 x 63 x 2 fits int16), with which fbgemm is exact (tested).
+    onnxruntime stayed inexact on that CPU even with 7-bit weights: its AVX2 path differs in
+    another way we have not pinned down.
     """
     try:
         with open("/proc/cpuinfo") as f:
