@@ -222,9 +222,9 @@ def render(res: dict) -> str:
         "`session.intra_op.allow_spinning=0` for onnxruntime (with busy-waiting, torch and "
         "onnxruntime in one process on 2 shared cores starved each other: torch fp32 vit-tiny "
         "at batch 1 took 2100 ms instead of 46 ms).",
-        f"- Load: the 1-minute load average is printed under each table. The benchmark keeps "
-        f"{res['models'] and next(iter(res['models'].values()))['threads']} threads busy, so a "
-        "load near that is a quiet machine and more means other jobs shared the CPUs (absolute "
+        "- Load: the 1-minute load average is printed under each table, next to the number of "
+        "threads the benchmark keeps busy: a load near that number is a quiet machine, more "
+        "means other jobs shared the CPUs (absolute "
         "times then slow and noisy; the *best* columns, the fastest call of each variant, are "
         "the least disturbed estimate).",
         "",

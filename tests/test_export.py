@@ -76,8 +76,8 @@ def test_export_runs_in_onnxruntime_and_agrees(kind, precision, tol, sqnr, tiny_
     assert json.loads(meta["classes"]) == META["classes"]
     assert json.loads(meta["mean"]) == [0.5] and meta["img_size"] == "16"
     recorded = json.loads(meta["vitcompress.check"])
-    # onnxruntime's uint8 x int8 kernel saturates int16 pair sums on a CPU without VNNI: there
-    # its integer GEMM is not exact (see vitcompress.quantize.cpu_has_vnni), only close
+    # on a CPU without VNNI onnxruntime's uint8 x int8 GEMM is not exact, only close (see
+    # vitcompress.quantize.cpu_has_vnni)
     exact = not (kind.startswith("int8") and not cpu_has_vnni())
     assert recorded["max_abs"] <= tol or not exact
     sess = ort_session(path)

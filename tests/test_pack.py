@@ -64,12 +64,17 @@ def _int8(cfg):
     return m
 
 
-def _int8_fp16_rest(cfg):
+def _dense_random_vectors(cfg):
     m = _dense(cfg)
     with torch.no_grad():  # non-trivial biases and norms, as in a trained model
         for p in m.parameters():
             if p.dim() == 1:
                 p.normal_(0, 0.1)
+    return m
+
+
+def _int8_fp16_rest(cfg):
+    m = _dense_random_vectors(cfg)
     quantize_(m, QuantizeConfig(granularity="per_channel", scales="fp16", rest="fp16"), _calib())
     to_int8_(m)
     return m
@@ -167,12 +172,7 @@ def test_sizes_shrink_by_the_expected_factor(tiny_vit_cfg, tmp_path):
 def test_fp16_scales_and_rest_take_two_bytes(tiny_vit_cfg, tmp_path):
     cfg = {"model": tiny_vit_cfg}
     m = _int8_fp16_rest(tiny_vit_cfg)
-    torch.manual_seed(0)
-    fp32 = _dense(tiny_vit_cfg)
-    with torch.no_grad():
-        for p in fp32.parameters():
-            if p.dim() == 1:
-                p.normal_(0, 0.1)
+    fp32 = _dense_random_vectors(tiny_vit_cfg)
     quantize_(fp32, QuantizeConfig(granularity="per_channel"), _calib())
     to_int8_(fp32)
     linear_w = sum(q.out_features * q.in_features for q in m.modules() if hasattr(q, "qweight"))

@@ -208,9 +208,9 @@ def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype is torch.float32:
         return scale
     info = torch.finfo(dtype)
-    tiny = torch.tensor(info.smallest_normal if dtype is torch.bfloat16 else 2.0**-24)
+    tiny = info.smallest_normal if dtype is torch.bfloat16 else 2.0**-24  # exact in ``dtype``
     r = scale.clamp(max=info.max).to(dtype).float()
-    return torch.where(r > 0, r, tiny.to(dtype).float())
+    return torch.where(r > 0, r, torch.full_like(r, tiny))
 
 
 def round_rest_(model: nn.Module, dtype: torch.dtype) -> None:

@@ -7,12 +7,12 @@ CIFAR-sized inputs; a 7x7 stride-2 stem with max-pool otherwise.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from vitcompress.errors import VitcompressError
+from vitcompress.errors import VitcompressError, check_known_fields
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,7 @@ def resnet_config(name: str, **overrides) -> ResNetConfig:
     if name not in RESNET_PRESETS:
         raise VitcompressError(f"unknown ResNet preset {name!r}")
     args = dict(RESNET_PRESETS[name])
-    known = {f.name for f in fields(ResNetConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise VitcompressError(f"unknown ResNet setting(s) {unknown}; known: {sorted(known)}")
+    check_known_fields(ResNetConfig, overrides, "ResNet")
     args.update({k: v for k, v in overrides.items() if v is not None})
     if "layers" in args:
         args["layers"] = tuple(args["layers"])

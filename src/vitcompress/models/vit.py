@@ -8,13 +8,13 @@ patterns in recipes mean the same thing on every ViT.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitcompress.errors import VitcompressError
+from vitcompress.errors import VitcompressError, check_known_fields
 
 
 @dataclass(frozen=True)
@@ -218,9 +218,6 @@ def vit_config(name: str, **overrides) -> ViTConfig:
         raise VitcompressError(f"unknown ViT preset {name!r}")
     args = dict(VIT_PRESETS[size])
     args["distilled"] = family == "deit"
-    known = {f.name for f in fields(ViTConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise VitcompressError(f"unknown ViT setting(s) {unknown}; known: {sorted(known)}")
+    check_known_fields(ViTConfig, overrides, "ViT")
     args.update({k: v for k, v in overrides.items() if v is not None})
     return ViTConfig(**args)
