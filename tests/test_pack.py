@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from vitcompress.errors import VitcompressError
@@ -16,7 +17,7 @@ from vitcompress.pack import (
     save_packed,
     unpack_bits,
 )
-from vitcompress.quantize import QuantizeConfig, quantize_, to_int8_
+from vitcompress.quantize import QuantizeConfig, fake_quant_slices, quantize_, to_int8_
 from vitcompress.sparse_exec import sparsify_for_inference_
 from vitcompress.sparsity import PruneConfig, get_masks, prune_
 
@@ -80,6 +81,13 @@ def _int8_fp16_rest(cfg):
     return m
 
 
+def _int8_int8_rest(cfg):
+    m = _dense_random_vectors(cfg)
+    quantize_(m, QuantizeConfig(granularity="per_tensor", scales="fp16", rest="int8"), _calib())
+    to_int8_(m)
+    return m
+
+
 def _int4_group(cfg):
     m = _dense(cfg)
     quantize_(m, QuantizeConfig(weights="int4", activations=None, granularity="per_group",
@@ -111,6 +119,7 @@ BUILDERS = {
     "lowrank": _lowrank,
     "int8": _int8,
     "int8_fp16_scales_rest": _int8_fp16_rest,
+    "int8_int8_rest": _int8_int8_rest,
     "int4_per_group": _int4_group,
     "fp4": _fp4,
     "2:4+int8_real": _int8_real_24,
@@ -142,6 +151,13 @@ def _payload(model, cfg, tmp_path) -> int:
     path = tmp_path / "p.vcpack"
     n = save_packed(model, path, cfg)
     return n - 8 - int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def _data_bytes(model, cfg, tmp_path) -> int:
+    """Bytes of the stored values alone (the file's ``data`` tensor)."""
+    path = tmp_path / "d.vcpack"
+    save_packed(model, path, cfg)
+    return load_file(path)["data"].numel()
 
 
 def test_sizes_shrink_by_the_expected_factor(tiny_vit_cfg, tmp_path):
@@ -181,6 +197,45 @@ def test_fp16_scales_and_rest_take_two_bytes(tiny_vit_cfg, tmp_path):
     # every parameter but the int8 codes, and every weight scale, from 4 bytes to 2
     saved = _payload(fp32, cfg, tmp_path) - _payload(m, cfg, tmp_path)
     assert saved >= 0.98 * 2 * (rest + scales)
+
+
+def test_int8_rest_takes_one_byte_plus_scales(tiny_vit_cfg, tmp_path):
+    cfg = {"model": tiny_vit_cfg}
+    m = _int8_int8_rest(tiny_vit_cfg)
+    fp16 = _dense_random_vectors(tiny_vit_cfg)
+    quantize_(fp16, QuantizeConfig(granularity="per_tensor", scales="fp16", rest="fp16"), _calib())
+    to_int8_(fp16)
+    linear_w = sum(q.out_features * q.in_features for q in m.modules() if hasattr(q, "qweight"))
+    rest = bytes_fp32(m) // 4 - linear_w
+    leftovers = [p for p in m.parameters() if p.is_floating_point()]  # int8 codes are not
+    assert sum(p.numel() for p in leftovers) == rest
+    n_scales = sum(p.shape[0] if p.dim() >= 2 else 1 for p in leftovers)
+    assert n_scales <= rest / 8  # the scales are few next to the values they scale
+    # every leftover parameter from 2 bytes to 1, plus a 2-byte scale per slice: exactly, in
+    # the data (the compressed header grows a little with the layout of each tensor)
+    assert _data_bytes(fp16, cfg, tmp_path) - _data_bytes(m, cfg, tmp_path) == rest - 2 * n_scales
+    assert _payload(fp16, cfg, tmp_path) - _payload(m, cfg, tmp_path) >= 0.9 * (rest - 2 * n_scales)
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4, 2])
+@pytest.mark.parametrize("shape", [(64,), (16, 1, 4, 4), (1, 17, 8), (5, 7)])
+def test_scaled_layout_finds_fake_quantised_tensors(bits, shape):
+    g = torch.Generator().manual_seed(bits)
+    t = torch.randn(shape, generator=g)
+    if len(shape) >= 2:  # slices from 1e-30 (bf16 scales have no subnormals there) to 1e3
+        t *= torch.logspace(-30, 3, shape[0]).reshape((-1,) + (1,) * (len(shape) - 1))
+        t[-1] = 0 if shape[0] > 1 else t[-1]  # an all-zero slice: scale 0
+    else:
+        t *= 1e-20
+    q = fake_quant_slices(t, bits)
+    meta, blobs = encode_tensor(q)
+    assert meta["layout"] == "scaled" and meta["elem"]["bits"] <= bits
+    assert meta["groups"] == (shape[0] if len(shape) >= 2 else 1)
+    assert blobs["s"].element_size() == 2
+    dec, support = decode_tensor(meta, blobs, list(shape), torch.float32)
+    assert torch.equal(dec.view(torch.int32), q.view(torch.int32)) and bool(support.all())
+    # plain float tensors are not mistaken for one
+    assert encode_tensor(t + 1e-3)[0]["layout"] == "dense"
 
 
 def test_masks_are_rebuilt_not_stored(tiny_vit_cfg, tmp_path):
@@ -227,6 +282,18 @@ def test_tf32_and_fp16_values_take_3_and_2_bytes():
     assert meta["elem"]["codec"] == "top3" and blobs["v"].numel() == 3000
     meta, blobs = encode_tensor(x.half().float())
     assert meta["elem"]["codec"] == "f16" and blobs["v"].nbytes == 2000
+
+
+def test_a_repeated_float_is_stored_once():
+    x = torch.full((192, 1), 0.1)  # a per-tensor scale, expanded to one per row (Int8Linear)
+    x.view(-1)[0] = 0.2  # one value differs: stored in full
+    meta, blobs = encode_tensor(x)
+    assert meta["elem"]["codec"] != "repeat"
+    x.view(-1)[0] = 0.1
+    meta, blobs = encode_tensor(x)
+    assert meta["elem"]["codec"] == "repeat" and blobs["v"].nbytes == 4
+    dec, _ = decode_tensor(meta, blobs, [192, 1], torch.float32)
+    assert torch.equal(dec, x)
 
 
 def test_corrupt_or_missing_file_is_one_line_error(tiny_vit_cfg, tmp_path):

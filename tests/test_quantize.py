@@ -120,7 +120,8 @@ def test_missing_calibration_data_raises_before_any_change(vit_and_data):
         (dict(calibration=dict(bathces=4)), "calibration"),
         (dict(targets=["re:blocks.(["]), "regular expression"),
         (dict(scales="fp8"), "scales"),
-        (dict(rest="int8"), "rest"),
+        (dict(rest="uint8"), "rest"),
+        (dict(rest="fp8_e4m3"), "rest"),
     ],
 )
 def test_bad_config_values_fail_at_construction(kwargs, field):
@@ -330,6 +331,28 @@ def test_fp16_scales_and_rest(vit_and_data):
     # and the model's other parameters were really rounded, not already fp16-exact
     assert not torch.equal(model.pos_embed.half().float(), model.pos_embed)
     assert torch.equal(m.pos_embed, model.pos_embed.half().float())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_integer_rest(vit_and_data, bits):
+    model = vit_and_data[0]
+    _, ref8, ref = quantized(vit_and_data, QuantizeConfig(dynamic=True))
+    m, y, _ = quantized(vit_and_data, QuantizeConfig(dynamic=True, rest=f"int{bits}"))
+    if bits == 8:  # costs little accuracy next to int8 weights alone
+        assert sqnr(ref, y) > 25 and sqnr(ref, y) > sqnr(ref, ref8) - 6
+    qmax = 2 ** (bits - 1) - 1
+    derived = {id(q.weight) for q in m.modules() if isinstance(q, QuantLinear)}
+    before = dict(model.named_parameters())
+    rest = [(n, p) for n, p in m.named_parameters() if id(p) not in derived]
+    assert {n for n, _ in rest} >= {"pos_embed", "cls_token", "patch_embed.proj.weight"}
+    for name, p in rest:
+        # per slice along dim 0 (one slice for vectors): codes in [-qmax, qmax] x a bf16 scale,
+        # the scale of the slice's largest magnitude, computed in float64
+        w = before[name].detach().double().reshape(p.shape[0] if p.dim() >= 2 else 1, -1)
+        s = (w.abs().amax(1, keepdim=True) / qmax).float().bfloat16().double()
+        codes = torch.clamp(torch.round(w / torch.where(s > 0, s, 1.0)), -qmax, qmax)
+        assert torch.equal(p.detach().double().reshape(w.shape), codes * s), name
+    assert torch.unique(m.patch_embed.proj.weight.detach().abs().amax((1, 2, 3))).numel() > 1
 
 
 def test_round_scale_stays_positive_and_finite():

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -121,3 +123,9 @@ def test_cubic_prune_reaches_its_target_during_finetune(tiny_vit_cfg):
     assert achieved and all(abs(s - 0.875) < 1e-9 for s in achieved.values())
     w = model.blocks[0].attn.qkv.weight
     assert (w == 0).sum().item() == round(0.875 * w.numel())
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("recipes/*.yaml")))
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.steps and recipe.name == path.stem

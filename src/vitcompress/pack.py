@@ -9,10 +9,12 @@ Every tensor of the state dict is stored losslessly in the fewest bytes we know 
 - element codecs: fp32 values that are exactly fp16 or bf16 take 2 bytes, tf32 values (low 13
   mantissa bits zero) 3 bytes; fp16 / bf16 / fp8 tensors their own width; integer tensors
   (quantised codes) ``ceil(log2(max - min + 1))`` bits each, bit-packed (int4 codes: 4 bits,
-  int8: 8), constants nothing;
-- layouts: dense, ``bitmask`` (the kept values + one bit per element, ``np.packbits``), ``nm``
-  (N kept values per group of M + their positions, ``ceil(log2 M)`` bits each: 2 bits for 2:4)
-  or ``zeros``; per tensor the smallest wins;
+  int8: 8), integer constants nothing, a float repeated (an expanded per-tensor scale) once;
+- layouts: dense, ``scaled`` (values that are small integer codes times one 2-byte scale per
+  slice along dim 0 or per tensor, as ``quantize``'s ``rest: int8`` leaves them: the codes
+  bit-packed plus the scales), ``bitmask`` (the kept values + one bit per element,
+  ``np.packbits``), ``nm`` (N kept values per group of M + their positions, ``ceil(log2 M)``
+  bits each: 2 bits for 2:4) or ``zeros``; per tensor the smallest wins;
 - derived tensors are not stored at all: the fp32 ``weight`` of a :class:`QuantLinear` is
   recomputed from its integer or float codes and scales, and a pruning mask ``weight_mask`` is
   the support of its sparse weight. Each derivation is checked bit for bit while saving; a
@@ -164,7 +166,10 @@ def _enc_int(v: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
 
 def encode_values(v: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
     """The smallest exact encoding of a 1-D tensor; returns (meta, blob or None)."""
-    v = v.contiguous()
+    v = v.contiguous().reshape(-1)
+    if v.numel() > 1 and v.is_floating_point() and bool((_bits_view(v) == _bits_view(v[:1])).all()):
+        meta, blob = encode_values(v[:1])  # one value repeated (a per-tensor scale, expanded)
+        return {"codec": "repeat", "elem": meta}, blob
     if v.dtype == torch.float32:
         return _enc_float32(v)
     if v.dtype == torch.bool:
@@ -181,6 +186,8 @@ def decode_values(
 ) -> torch.Tensor:
     """Inverse of :func:`encode_values`: ``n`` values of ``dtype``."""
     codec = meta["codec"]
+    if codec == "repeat":
+        return decode_values(meta["elem"], blob, 1, dtype).expand(n).clone()
     if codec == "const":
         return torch.full((n,), int(meta["value"]), dtype=dtype)
     if codec == "raw":
@@ -233,6 +240,38 @@ def _nm_positions(support: torch.Tensor, m: int, n: int | None) -> torch.Tensor 
     return order.sort(dim=1).values  # (G, k)
 
 
+SCALED_QMAX = (127, 63, 31, 15, 7, 3, 1)  # symmetric grids the "scaled" layout looks for
+
+
+def scaled_codes(flat: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(codes, scales)`` with ``flat == (codes * scales[:, None]).reshape(-1)`` bit for bit,
+    ``groups`` scales of 2 bytes (fp16 or bf16 exact) and ``|codes| <= qmax`` for one of
+    :data:`SCALED_QMAX`; None when ``flat`` (fp32) is not of that form.
+
+    The largest magnitude of each group must be ``qmax * scale`` exactly, which is what
+    ``quantize.fake_quant_slices`` guarantees; the cheap test on the scales rejects ordinary
+    float tensors before any division of the whole tensor.
+    """
+    if flat.dtype != torch.float32 or flat.numel() == 0 or flat.numel() % groups:
+        return None
+    g = flat.reshape(groups, -1)
+    amax = g.abs().amax(dim=1)
+    if not bool(torch.isfinite(amax).all()):
+        return None
+    for qmax in SCALED_QMAX:
+        s = amax / qmax
+        two_bytes = _same_bits(s.bfloat16().float(), s) or _same_bits(s.half().float(), s)
+        if not two_bytes or not torch.equal(s * qmax, amax):
+            continue
+        codes = torch.round(g / torch.where(s > 0, s, 1.0).unsqueeze(1))
+        if bool((codes.abs() > qmax).any()):
+            continue
+        codes = codes.to(torch.int8)  # -0.0 becomes 0: a -0.0 value fails the check below
+        if _same_bits(codes.float() * s.unsqueeze(1), g):
+            return codes.reshape(-1), s
+    return None
+
+
 def encode_tensor(t: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[dict, dict]:
     """The smallest exact encoding of ``t``; with ``mask`` (True = kept) the stored support is
     the mask itself, so that the mask can be rebuilt from it (module docstring).
@@ -257,6 +296,12 @@ def encode_tensor(t: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[di
         return {"layout": "zeros"}, {}
     if mask is None or bool(support.all()):
         add({"layout": "dense"}, flat, {})
+        slices = {1} | ({t.shape[0]} if t.dim() >= 2 else set())
+        for groups in sorted(slices):
+            sc = scaled_codes(flat, groups)
+            if sc is not None:
+                smeta, sblob = encode_values(sc[1])
+                add({"layout": "scaled", "groups": groups, "scale": smeta}, sc[0], {"s": sblob})
     all_kept = bool(support.all())
     if numel and not all_kept:  # with every element kept, dense is smaller
         bitmask = torch.from_numpy(np.packbits(support.numpy()))
@@ -291,6 +336,14 @@ def decode_tensor(
         return torch.zeros(numel, dtype=dtype).reshape(shape), support.reshape(shape)
     if layout == "dense":
         flat = decode_values(meta["elem"], blobs.get("v"), numel, dtype)
+        return flat.reshape(shape), torch.ones(shape, dtype=torch.bool)
+    if layout == "scaled":
+        groups = int(meta["groups"])
+        if groups < 1 or numel % groups:
+            raise VitcompressError(f"{groups} scale groups do not divide {numel} values")
+        codes = decode_values(meta["elem"], blobs.get("v"), numel, torch.float32)
+        scales = decode_values(meta["scale"], blobs.get("s"), groups, torch.float32)
+        flat = (codes.reshape(groups, -1) * scales.unsqueeze(1)).to(dtype)
         return flat.reshape(shape), torch.ones(shape, dtype=torch.bool)
     if layout == "bitmask":
         support = torch.from_numpy(np.unpackbits(blobs["m"].numpy())[:numel].astype(bool))

@@ -119,6 +119,11 @@ class QuantizeConfig:
             embedding, class token, patch projection, layers left out of ``targets``): ``fp32``
             keeps them, ``fp16`` / ``bf16`` round them, so a packed INT8 model stores them in 2
             bytes instead of 4 (on a 0.8 M-parameter model they are ~10 % of the INT8 file).
+            A signed integer format (``int8``, ... ``int2``) quantises them weight-only and
+            symmetrically, with a 2-byte scale per slice along dim 0 (per output channel of the
+            patch projection) for tensors of 2 or more dimensions and one per tensor for
+            vectors; the packer finds the codes again and stores them in ``bits`` bits
+            (:func:`fake_quant_slices`).
     """
 
     weights: str = "int8"
@@ -135,9 +140,13 @@ class QuantizeConfig:
     rest: str = "fp32"
 
     def __post_init__(self) -> None:
-        for key in ("scales", "rest"):
-            if getattr(self, key) not in PARAM_PRECISIONS:
-                _fail("quantize", key, getattr(self, key), f"one of {', '.join(PARAM_PRECISIONS)}")
+        if self.scales not in PARAM_PRECISIONS:
+            _fail("quantize", "scales", self.scales, f"one of {', '.join(PARAM_PRECISIONS)}")
+        if self.rest not in PARAM_PRECISIONS and rest_int_format(self.rest) is None:
+            _fail(
+                "quantize", "rest", self.rest,
+                f"one of {', '.join(PARAM_PRECISIONS)} or a signed integer format int2..int8",
+            )  # fmt: skip
         for key in ("weights", "activations", "attention_matmul"):
             value = getattr(self, key)
             if value is None and key == "activations":
@@ -213,15 +222,49 @@ def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(r > 0, r, torch.full_like(r, tiny))
 
 
-def round_rest_(model: nn.Module, dtype: torch.dtype) -> None:
-    """Round the float parameters not held as quantised weights to ``dtype`` (values stay fp32)."""
-    if dtype is torch.float32:
+def rest_int_format(name: Any) -> IntFormat | None:
+    """The signed integer format ``name`` names (``int8`` ... ``int2``), else None."""
+    try:
+        fmt = get_format(name) if isinstance(name, str) else None
+    except VitcompressError:
+        return None
+    return fmt if isinstance(fmt, IntFormat) and not fmt.unsigned else None
+
+
+def fake_quant_slices(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """``t`` on a symmetric ``bits``-bit grid: codes in [-(2^(bits-1) - 1), 2^(bits-1) - 1]
+    times a bf16 scale, one per slice along dim 0 for tensors of 2+ dimensions, one in all for
+    vectors and scalars.
+
+    Why bf16: every ``code * scale`` is exact in fp32 (8 x 7 significant bits), the scale has
+    no subnormals to lose precision in for tiny tensors, so the largest magnitude of a slice is
+    always ``qmax * scale`` exactly, and the packer recovers scale and codes from the values
+    alone (``pack``'s "scaled" layout). A scale 0.4 % off the ideal moves the grid, not the
+    error bound.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    g = t.detach().float().reshape(t.shape[0] if t.dim() >= 2 else 1, -1)
+    amax = g.abs().amax(dim=1, keepdim=True)
+    s = round_scale(amax / qmax, torch.bfloat16)
+    codes = torch.clamp(torch.round(g / s), -qmax, qmax) + 0.0  # no -0.0: codes are integers
+    return (codes * s).reshape(t.shape)
+
+
+def round_rest_(model: nn.Module, rest: str) -> None:
+    """Round the float parameters not held as quantised weights as ``rest`` says (fp16 / bf16,
+    or an integer format, :func:`fake_quant_slices`); the values stay fp32."""
+    if rest == "fp32":
         return
+    ifmt = rest_int_format(rest)
     derived = {id(m.weight) for m in model.modules() if isinstance(m, QuantLinear)}
     with torch.no_grad():
         for p in model.parameters():
-            if id(p) not in derived and p.dtype is torch.float32:
-                p.copy_(p.to(dtype).float())
+            if id(p) in derived or p.dtype is not torch.float32 or p.numel() == 0:
+                continue
+            if ifmt is not None:
+                p.copy_(fake_quant_slices(p, ifmt.bits))
+            else:
+                p.copy_(p.to(PARAM_PRECISIONS[rest]).float())
 
 
 def _is_scaled(fmt: Format) -> bool:
@@ -826,7 +869,7 @@ def quantize_(
             PARAM_PRECISIONS[config.scales],
         )  # fmt: skip
         _replace(model, name, new)
-    round_rest_(model, PARAM_PRECISIONS[config.rest])
+    round_rest_(model, config.rest)
     for name, _ in matmuls:
         parent, _ = get_submodule_parent(model, name)
         if hasattr(parent, "fused_attn"):
