@@ -4,6 +4,7 @@ benchmarks/results.json.
     python benchmarks/run.py                                  # vit-tiny and vit-small, 224x224
     python benchmarks/run.py --run runs/fmnist-base           # plus a trained run (with top-1)
     python benchmarks/run.py --models vit-tiny --rounds-b1 10 --rounds-b32 3
+    python benchmarks/run.py --models --run runs/base --compare runs/2of4-int8 --append
 
 Every variant of one model is timed in the same process, round by round (each round runs every
 variant once), so the ratios within a table come from one run under the same conditions.
@@ -120,6 +121,51 @@ def peer_ratios(rows: list[dict], batch: int) -> str:
     )
 
 
+def compare_lines(rows: list[dict], batch: int) -> list[str]:
+    """One line per ``--compare`` run: accuracy next to speed and size, against torch fp32."""
+    by = {r["variant"]: r for r in rows}
+    base = by.get("torch-fp32")
+    out = []
+    for r in rows:
+        if base is None or "packed_bytes" not in r["notes"]:
+            continue
+        acc = ""
+        if "top1" in r:
+            acc = f"top-1 {r['top1']:.2f} % ({r['top1'] - base['top1']:+.2f} pts), "
+        out.append(
+            f"- `{r['variant']}`: {acc}{r['speedup_b1']:.2f}x torch fp32 at batch 1 "
+            f"({r['speedup_best_b1']:.2f}x best), {r[f'speedup_b{batch}']:.2f}x at batch "
+            f"{batch}; packed {r['notes']['packed_bytes']:,} bytes, "
+            f"{base['bytes_stored'] / r['notes']['packed_bytes']:.2f}x smaller than fp32."
+        )
+    return out
+
+
+def describe_run(run_dir: Path, compare: list[Path]) -> str:
+    """How a benchmarked run (and the runs compared with it) were made, from their configs."""
+    from vitcompress.models.checkpoints import read_json
+
+    def one(path: Path) -> str:
+        cfg = read_json(path / "config.json")
+        top1 = read_json(path / "metrics.json").get("top1") if (path / "metrics.json").is_file() \
+            else None  # fmt: skip
+        acc = "" if top1 is None else f", {top1 * 100:.2f} % top-1"
+        recipe = cfg.get("recipe")
+        if recipe:
+            steps = "; ".join(json.dumps(s, separators=(", ", ": ")) for s in recipe["steps"])
+            return f"`{path.name}`: recipe `{recipe['name']}` on the baseline ({steps}){acc}"
+        return f"`{path.name}`: `{cfg.get('command', '?')}`{acc}"
+
+    text = f"Baseline {one(run_dir)}; INT8 variants calibrated on 8 training batches."
+    if compare:
+        text += (
+            " Compared runs (`--compare`, timed as `ort-<name>`): "
+            + "; ".join(one(c) for c in compare)
+            + "."
+        )
+    return text
+
+
 def run_loaders(run_dir: Path, calib_batches: int):
     """(calibration batches from the training images, test loader) of a run directory."""
     from vitcompress.models.checkpoints import read_json
@@ -145,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=["vit-tiny", "vit-small"])
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--run", action="append", default=[], help="a trained run directory")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        type=Path,
+        help="a compressed run of the --run model, timed next to it (repeatable)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds-b1", type=int, default=12)
     p.add_argument("--rounds-b32", type=int, default=3)
@@ -179,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 calib, test_loader = run_loaders(Path(name), calib_batches=8)
                 rows = bench(checkpoint=name, threads=args.threads, rounds_b1=args.rounds_b1,
                              rounds_b32=args.rounds_b32, calib=calib, work_dir=wd,
-                             eval_loader=test_loader)  # fmt: skip
+                             eval_loader=test_loader, compare=args.compare)  # fmt: skip
             qdq = Path(wd) / "int8-qdq.onnx"
             if qdq_ops is None and qdq.is_file():
                 qdq_ops = onnx_ops(qdq)
@@ -192,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             "load_avg_start": load_start,
             "load_avg_end": os.getloadavg(),
         }
+        if kind == "run":
+            results["models"][name]["about"] = describe_run(Path(name), args.compare)
         print(table(rows, 32), file=sys.stderr, flush=True)
         results["ort_ops_int8_qdq"] = qdq_ops
         write(results, args.out)  # after every model: a long run keeps what it measured
@@ -238,9 +293,10 @@ def render(res: dict) -> str:
         rows = entry["rows"]
         img = rows[0]["img_size"]
         ls, le = entry["load_avg_start"], entry["load_avg_end"]
+        out += [f"## {name} ({img}x{img})", ""]
+        if entry.get("about"):
+            out += [entry["about"], ""]
         out += [
-            f"## {name} ({img}x{img})",
-            "",
             f"{entry['date']}, {entry['threads']} threads, {entry['rounds']['b1']} rounds at "
             f"batch 1 and {entry['rounds']['b32']} at batch 32, {entry['wall_s'] / 60:.0f} min; "
             f"load average {ls[0]:.1f} at the start, {le[0]:.1f} at the end.",
@@ -251,7 +307,12 @@ def render(res: dict) -> str:
         pr = peer_ratios(rows, 32)
         if pr:
             out += [pr, ""]
-        notes = [f"`{r['variant']}`: {r['notes']['sparse']}" for r in rows if r["notes"]]
+        cl = compare_lines(rows, 32)
+        if cl:
+            out += cl + [""]
+        notes = [
+            f"`{r['variant']}`: {r['notes']['sparse']}" for r in rows if "sparse" in r["notes"]
+        ]
         if notes:
             out += ["CSR conversion (layers measured on their real input, converted if > 1.1x): "
                     + "; ".join(notes) + ".", ""]  # fmt: skip

@@ -59,6 +59,43 @@ def test_bench_compressed_checkpoint_and_cli(tiny_vit_cfg, tmp_path, capsys):
     assert [r["variant"] for r in printed] == [r["variant"] for r in out]
 
 
+def test_bench_compares_compressed_runs_of_the_same_model(tiny_vit_cfg, tmp_path, capsys):
+    from vitcompress.cli import main
+    from vitcompress.models import model_config
+
+    torch.manual_seed(0)
+    dense = build_model(tiny_vit_cfg).eval()
+    save_run(tmp_path / "dense", dense, {"model": tiny_vit_cfg})
+    q = build_model(tiny_vit_cfg).eval()
+    q.load_state_dict(dense.state_dict())
+    quantize_(q, QuantizeConfig(rest="int8"), [torch.randn(4, 1, 16, 16)])
+    record = {"kind": "quantize", "config": {"weights": "int8", "rest": "int8"}}
+    save_run(tmp_path / "int8-run", q, {"model": tiny_vit_cfg, "compression": [record]})
+    x = torch.randn(6, 1, 16, 16)
+    with torch.no_grad():
+        y = dense(x).argmax(-1)
+    rows = bench(checkpoint=tmp_path / "dense", variants=["torch-fp32"],
+                 compare=[tmp_path / "int8-run"], eval_loader=[(x, y)], **FAST)  # fmt: skip
+    assert [r["variant"] for r in rows] == ["torch-fp32", "ort-int8-run"]
+    other = rows[1]
+    assert other["format"].startswith("int8-qdq") and "int8-run" in other["format"]
+    assert other["speedup_b1"] > 0 and 0 <= other["top1"] <= 100
+    assert other["notes"]["packed_bytes"] < rows[0]["bytes_stored"] / 3  # int8 rest: ~4x
+    # the CLI takes --compare, prints one JSON document
+    code = main(["bench", "--checkpoint", str(tmp_path / "dense"), "--compare",
+                 str(tmp_path / "int8-run"), "--threads", "1", "--json"])  # fmt: skip
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed[-1]["variant"] == "ort-int8-run"
+    # a run of another input size is refused before any timing
+    cfg32 = model_config("vit-nano", img_size=32, patch_size=4, in_chans=1, num_classes=4)
+    save_run(tmp_path / "other", build_model(cfg32), {"model": cfg32})
+    with pytest.raises(VitcompressError, match="takes 1x32x32 images"):
+        bench(checkpoint=tmp_path / "dense", compare=[tmp_path / "other"], **FAST)
+    with pytest.raises(VitcompressError, match="not a run directory|not found|no such"):
+        bench(checkpoint=tmp_path / "dense", compare=[tmp_path / "missing"], **FAST)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

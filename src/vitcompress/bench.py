@@ -22,6 +22,11 @@ Variants (names as in the results):
 - ``torch-sparse-csr-<s>`` / ``ort-sparse-<s>``: encoder Linears pruned to ``s`` unstructured,
   run through :mod:`vitcompress.sparse_exec` (CSR) in torch, and dense in onnxruntime (which has
   no sparse kernel: same speed as fp32, listed to show it).
+- ``ort-<run>``: ``compare`` runs, compressed run directories of the same model (``vitcompress
+  compress`` output: fine-tuned, pruned, factorised, quantised as its recipe said), exported as
+  they are (INT8 as QDQ) and timed on onnxruntime against this model's ``torch-fp32``. The
+  low-rank and sparse variants above are one-shot and only measure speed; a ``compare`` run is
+  how a stacked recipe gets its accuracy next to its speed.
 
 Busy-waiting threads: torch's OpenMP threads (libgomp, ``OMP_WAIT_POLICY`` active by default)
 and onnxruntime's spinning thread pool each keep their cores busy after a call. Timed in one
@@ -161,9 +166,11 @@ def build_variants(
     calib: list[torch.Tensor],
     config: dict | None = None,
     rank_ratio: float = 0.25,
+    compare: Iterable[tuple[str, nn.Module, dict]] = (),
 ) -> list[Variant]:
     """The requested variants of ``model`` (module docstring), with their artifacts in
-    ``work_dir``."""
+    ``work_dir``; then one ``ort-<label>`` variant per ``(label, model, config)`` of
+    ``compare``."""
     from vitcompress.export import export_onnx, quantize_dynamic_onnx
     from vitcompress.pack import bytes_stored
 
@@ -256,6 +263,36 @@ def build_variants(
                 "(sparse ones take any sparsity, e.g. torch-sparse-csr-0.9)"
             )
         out.append(v)
+    for label, other, other_cfg in compare:
+        from vitcompress.export import read_metadata
+
+        p = onnx(f"compare-{label}", other.eval())
+        fmt = read_metadata(p).get("vitcompress.format", "?")
+        notes = {"packed_bytes": bytes_stored(other, other_cfg)}
+        out.append(Variant(f"ort-{label}", "onnxruntime", f"{fmt}, run {label}",
+                           _ort_runner(p, threads), p.stat().st_size, notes))  # fmt: skip
+    return out
+
+
+def _load_compare(runs: Iterable[str | Path], shape: tuple[int, ...], names: set[str]) -> list:
+    """``(label, model, config)`` of each run directory, checked to take ``shape`` inputs."""
+    from vitcompress.models.checkpoints import load_run
+
+    out = []
+    for run in runs:
+        path = Path(run)
+        other, cfg = load_run(path)
+        mc = cfg.get("model", {})
+        got = (int(mc.get("in_chans", 3)), int(mc.get("img_size", 0)), int(mc.get("img_size", 0)))
+        if got != tuple(shape):
+            raise VitcompressError(
+                f"bench: compare run {path} takes {got[0]}x{got[1]}x{got[2]} images, the "
+                f"benchmarked model {shape[0]}x{shape[1]}x{shape[2]}"
+            )
+        label = path.name
+        if f"ort-{label}" in names or any(label == lab for lab, _, _ in out):
+            raise VitcompressError(f"bench: two variants named ort-{label}; rename a run")
+        out.append((label, other, cfg))
     return out
 
 
@@ -298,6 +335,7 @@ def bench(
     rank_ratio: float = 0.25,
     work_dir: str | Path | None = None,
     eval_loader: Iterable | None = None,
+    compare: Iterable[str | Path] = (),
 ) -> list[dict]:
     """Benchmark the deployment variants of a run directory or a preset (module docstring).
 
@@ -312,6 +350,8 @@ def bench(
         calib: calibration batches for the int8 variants (default: 4 random batches of 8).
         work_dir: where the ONNX files go (default: a temporary directory).
         eval_loader: ``(images, labels)`` batches; when given, each row gets ``top1`` (%).
+        compare: compressed run directories of the same model, timed (and evaluated) as
+            ``ort-<directory name>`` next to the variants.
 
     Returns:
         One dict per variant: ``variant``, ``runtime``, ``format``, ``latency_ms_b1`` (median),
@@ -344,24 +384,26 @@ def bench(
     mc = config.get("model", {})
     shape = (int(mc.get("in_chans", 3)), int(mc.get("img_size", img_size)),
              int(mc.get("img_size", img_size)))  # fmt: skip
+    others = _load_compare(compare, shape, set(names))
     saved_threads = torch.get_num_threads()
     _pin_threads(threads)
     try:
         return _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_dir,
-                      rounds_b1, rounds_b32, batch, warmup, eval_loader)  # fmt: skip
+                      rounds_b1, rounds_b32, batch, warmup, eval_loader, others)  # fmt: skip
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_dir, rounds_b1,
-           rounds_b32, batch, warmup, eval_loader) -> list[dict]:  # fmt: skip
+           rounds_b32, batch, warmup, eval_loader, others) -> list[dict]:  # fmt: skip
     if calib is None:
         g = torch.Generator().manual_seed(0)
         calib = [torch.randn((8, *shape), generator=g) for _ in range(4)]
     with tempfile.TemporaryDirectory() as tmp:
         wd = Path(work_dir) if work_dir is not None else Path(tmp)
         wd.mkdir(parents=True, exist_ok=True)
-        vs = build_variants(net.eval(), shape, names, wd, threads, calib, config, rank_ratio)
+        vs = build_variants(net.eval(), shape, names, wd, threads, calib, config, rank_ratio,
+                            others)  # fmt: skip
         t1 = time_rounds(vs, _input(1, shape), rounds_b1, warmup)
         tb = time_rounds(vs, _input(batch, shape), rounds_b32, min(warmup, 1))
         top1 = evaluate_variants(vs, eval_loader) if eval_loader is not None else {}
@@ -462,9 +504,11 @@ def bench_cli(
     img_size: int,
     threads: int,
     json_out: bool,
+    compare: Iterable[Path] = (),
 ) -> list[dict]:
     """``vitcompress bench``: run :func:`bench` and print a table (or JSON); returns the rows."""
-    rows = bench(checkpoint=checkpoint, model=model, img_size=img_size, threads=threads)
+    rows = bench(checkpoint=checkpoint, model=model, img_size=img_size, threads=threads,
+                 compare=compare)  # fmt: skip
     print(json.dumps(rows, indent=2) if json_out else format_table(rows))
     return rows
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -161,12 +162,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.checkpoint) if args.checkpoint else None,
         args.model,
         args.img_size,
-        args.threads,
+        args.threads or os.cpu_count() or 1,
         args.json,
+        [Path(c) for c in args.compare],
     )
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    return 0
+    return 0 if rows else 1
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -287,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=0, help="threads (default: all cores)")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--compare", action="append", default=[], metavar="RUN_DIR",
+        help="a compressed run of the same model (compress output) to time on onnxruntime "
+        "against its torch fp32 baseline; repeatable",
+    )  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sweep", help="run a whole study (grid of recipes) into SQLite, resumably")
