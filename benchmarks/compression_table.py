@@ -33,6 +33,10 @@ def rows(ft_steps: int) -> list[tuple[str, list[dict]]]:
 
     ft = {"finetune": {"epochs": 1, "lr": 2e-4, "max_steps": ft_steps,
                        "distill": {"teacher": "self", "kind": "soft"}}}  # fmt: skip
+    ft2 = {"finetune": {"epochs": 2, "lr": 2e-4, "batch_size": 128,
+                        "distill": {"teacher": "self", "kind": "soft"}}}  # fmt: skip
+    smallest = q(weights="int8", activations="int8", granularity="per_tensor", scales="fp16",
+                 rest="int8")  # fmt: skip
     out: list[tuple[str, list[dict]]] = [
         ("fp32", [q(weights="fp32", activations="fp32")]),
         ("tf32", [q(weights="tf32", activations="tf32")]),
@@ -68,6 +72,11 @@ def rows(ft_steps: int) -> list[tuple[str, list[dict]]]:
         ("2:4 + fine-tune", [{"prune": {"pattern": "2:4"}}, ft]),
         ("2:4 + fine-tune + int8", [{"prune": {"pattern": "2:4"}}, ft,
                                     q(weights="int8", activations="int8")]),
+        # stacked, with 2 full epochs of fine-tuning and the smallest INT8
+        ("2:4 + 2-epoch fine-tune + int8 (int8 rest)",
+         [{"prune": {"pattern": "2:4"}}, ft2, smallest]),
+        ("unstructured 50% cubic + 2-epoch fine-tune + int8 (int8 rest)",
+         [{"prune": {"sparsity": 0.5, "schedule": "cubic"}}, ft2, smallest]),
     ]  # fmt: skip
     for r in (0.5, 0.25, 0.125):
         out.append((f"SVD rank ratio {r}", [{"lowrank": {"rank_ratio": r}}]))

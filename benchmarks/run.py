@@ -141,6 +141,39 @@ def compare_lines(rows: list[dict], batch: int) -> list[str]:
     return out
 
 
+SHOWN = (
+    "pattern",
+    "sparsity",
+    "schedule",
+    "targets",
+    "epochs",
+    "lr",
+    "distill",
+    "weights",
+    "activations",
+    "granularity",
+    "scales",
+    "rest",
+    "rank_ratio",
+    "energy",
+    "rank",
+)
+
+
+def _short_step(step: dict) -> str:
+    """``prune(pattern=2:4, targets=blocks.*)``: a resolved recipe step, its telling keys."""
+    ((kind, opts),) = step.items()
+    shown = []
+    for k in SHOWN:
+        v = (opts or {}).get(k)
+        if v is None or (k == "sparsity" and opts.get("pattern", "unstructured") != "unstructured"):
+            continue
+        if isinstance(v, dict):  # distill: {teacher: self, kind: soft, ...}
+            v = f"{v.get('kind', '')} from {v.get('teacher', '?')}"
+        shown.append(f"{k}={v}")
+    return f"{kind}({', '.join(shown)})"
+
+
 def describe_run(run_dir: Path, compare: list[Path]) -> str:
     """How a benchmarked run (and the runs compared with it) were made, from their configs."""
     from vitcompress.models.checkpoints import read_json
@@ -152,7 +185,7 @@ def describe_run(run_dir: Path, compare: list[Path]) -> str:
         acc = "" if top1 is None else f", {top1 * 100:.2f} % top-1"
         recipe = cfg.get("recipe")
         if recipe:
-            steps = "; ".join(json.dumps(s, separators=(", ", ": ")) for s in recipe["steps"])
+            steps = " -> ".join(_short_step(s) for s in recipe["steps"])
             return f"`{path.name}`: recipe `{recipe['name']}` on the baseline ({steps}){acc}"
         return f"`{path.name}`: `{cfg.get('command', '?')}`{acc}"
 
@@ -334,14 +367,19 @@ def render(res: dict) -> str:
         "",
         "- `torch-int8-dynamic` is torch.ao `quantize_dynamic` (study B's method); `torch-int8` "
         "is ours (`quantize_` with calibrated static int8 activations, then `to_int8_`: "
-        "`torch._int_mm`); `ort-int8-dynamic` is onnxruntime's own `quantize_dynamic` of the "
+        "fbgemm's quantized linear for static activations, `torch._int_mm` for dynamic ones); "
+        "`ort-int8-dynamic` is onnxruntime's own `quantize_dynamic` of the "
         "fp32 export (the peer); `ort-int8-qdq` is our QDQ export of the same quantised model "
         "as `torch-int8` (the classifier head stays fp32 in both).",
         "- On a CPU without VNNI (the machine's int8 ISA line lists none of avx512_vnni, "
-        "avx_vnni, amx_int8) fbgemm's uint8 x int8 kernel saturates int16 pair sums and "
-        "onnxruntime's is inexact too, so `torch-int8` and `ort-int8-*` top-1 can sit a little "
-        "below the exact integer result (README, Real INT8); `torch._int_mm` is exact but ~10x "
-        "slower there.",
+        "avx_vnni, amx_int8) fbgemm's and onnxruntime's uint8 x int8 kernels add pairs of "
+        "products in saturating int16, so `torch-int8` and `ort-int8-*` top-1 can sit a little "
+        "below the exact integer result; 7-bit weights make both exact "
+        "(`INT8_EXACTNESS.md`). `torch._int_mm` is exact but ~10x slower there.",
+        "- How fast INT8 can be on this CPU: `ORT_PROFILE.md` splits a batch-1 vit-tiny pass "
+        "by operator. Without VNNI the integer GEMMs run ~1.5x faster than onnxruntime's fp32 "
+        "ones (about 3.5x with VNNI), and the part INT8 does not touch (attention products, "
+        "LayerNorm, GELU, softmax, layout ops) is over half of the INT8 model's time.",
         "- Low rank: MLP and patch projection factorised at rank ratio 0.25, one shot, random "
         "weights (speed and size only; accuracy needs a fine-tuned run).",
         "- Unstructured sparsity runs dense in onnxruntime (`ort-sparse-*`: no sparse kernel, "
