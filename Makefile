@@ -36,6 +36,8 @@ format: $(STAMP)
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/int8_exactness.py
+	$(BIN)/python benchmarks/ort_profile.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
