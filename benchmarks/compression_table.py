@@ -80,6 +80,8 @@ def rows(ft_steps: int) -> list[tuple[str, list[dict]]]:
          [{"prune": {"pattern": "2:4"}}, ft2, smallest]),
         ("unstructured 50% cubic + 2-epoch fine-tune + int8 (int8 rest)",
          [{"prune": {"sparsity": 0.5, "schedule": "cubic"}}, ft2, smallest]),
+        ("SVD rank ratio 0.5 (MLP) + 2-epoch fine-tune + int8 (int8 rest)",
+         [{"lowrank": {"rank_ratio": 0.5, "layers": "blocks.*.mlp.*"}}, ft2, smallest]),
     ]  # fmt: skip
     for r in (0.5, 0.25, 0.125):
         out.append((f"SVD rank ratio {r}", [{"lowrank": {"rank_ratio": r}}]))

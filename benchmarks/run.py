@@ -180,8 +180,8 @@ def describe_run(run_dir: Path, compare: list[Path]) -> str:
 
     def one(path: Path) -> str:
         cfg = read_json(path / "config.json")
-        top1 = read_json(path / "metrics.json").get("top1") if (path / "metrics.json").is_file() \
-            else None  # fmt: skip
+        metrics = path / "metrics.json"
+        top1 = read_json(metrics).get("top1") if metrics.is_file() else None
         acc = "" if top1 is None else f", {top1 * 100:.2f} % top-1"
         recipe = cfg.get("recipe")
         if recipe:
