@@ -35,7 +35,7 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks
 
 bench: install
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py --append
 	$(BIN)/python benchmarks/int8_exactness.py
 	$(BIN)/python benchmarks/ort_profile.py
 

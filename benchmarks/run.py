@@ -236,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds-b32", type=int, default=3)
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument(
-        "--append", action="store_true", help="add to the models already in results.json"
-    )
+        "--append", action="store_true",
+        help="keep the models already in results.json (each section says the machine it ran on "
+        "when that is not this one); re-measured ones are replaced",
+    )  # fmt: skip
     args = p.parse_args(argv)
 
     results: dict = {"machine": machine(), "versions": versions(), "models": {}}
@@ -277,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": {"b1": args.rounds_b1, "b32": args.rounds_b32},
             "load_avg_start": load_start,
             "load_avg_end": os.getloadavg(),
+            "machine": results["machine"],
         }
         if kind == "run":
             results["models"][name]["about"] = describe_run(Path(name), args.compare)
@@ -329,6 +332,10 @@ def render(res: dict) -> str:
         out += [f"## {name} ({img}x{img})", ""]
         if entry.get("about"):
             out += [entry["about"], ""]
+        here = entry.get("machine", m)
+        if (here.get("cpu"), here.get("int8_isa")) != (m.get("cpu"), m.get("int8_isa")):
+            out += [f"**Measured on another machine**: {here.get('cpu')}, int8 ISA: "
+                    f"{', '.join(here.get('int8_isa', [])) or '?'}.", ""]  # fmt: skip
         out += [
             f"{entry['date']}, {entry['threads']} threads, {entry['rounds']['b1']} rounds at "
             f"batch 1 and {entry['rounds']['b32']} at batch 32, {entry['wall_s'] / 60:.0f} min; "
