@@ -541,9 +541,10 @@ def cpu_has_vnni() -> bool:
     ViT, -0.04 points of top-1 on the trained Fashion-MNIST vit-nano). ``torch._int_mm``
     stays exact there but runs ~10x slower than fbgemm, so ``backend="auto"`` keeps fbgemm for
     speed; exact choices there are ``backend="int_mm"``, or 7-bit weights (``weights: int7``,
-    codes in [-63, 63]: 255 x 63 x 2 fits int16), with which fbgemm is exact (tested).
-    onnxruntime stayed inexact on that CPU even with 7-bit weights: its AVX2 path differs in
-    another way we have not pinned down.
+    codes in [-63, 63]: 255 x 63 x 2 fits int16), with which fbgemm is exact (tested), and so
+    is onnxruntime's ``MatMulInteger`` (``benchmarks/int8_exactness.py``: 0 outputs off with
+    7-bit weights, 97 % with 8-bit ones); what then remains between onnxruntime and torch is
+    their float arithmetic outside the GEMMs.
     """
     try:
         with open("/proc/cpuinfo") as f:
