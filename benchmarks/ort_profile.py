@@ -15,17 +15,14 @@ import argparse
 import collections
 import copy
 import json
-import os
 import platform
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import onnxruntime as ort
+import torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,7 +33,6 @@ def profile(path: Path, x: np.ndarray, threads: int, runs: int, prefix: str) -> 
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.enable_profiling = True
     so.profile_file_prefix = prefix
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

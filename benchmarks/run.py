@@ -6,8 +6,9 @@ benchmarks/results.json.
     python benchmarks/run.py --models vit-tiny --rounds-b1 10 --rounds-b32 3
     python benchmarks/run.py --models --run runs/base --compare runs/2of4-int8 --append
 
-Every variant of one model is timed in the same process, round by round (each round runs every
-variant once), so the ratios within a table come from one run under the same conditions.
+Every variant of one model is timed in the same process, in passes over all variants (see
+``vitcompress.bench.time_rounds``), so the ratios within a table come from one run under the
+same conditions.
 Random weights are fine for speed; a run directory (``--run``) is also evaluated for top-1 on
 its test set, with int8 calibration on its training images.
 """
@@ -25,11 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Before torch loads: OpenMP threads that busy-wait starve everything else on a shared machine
-# (see vitcompress.bench); libgomp reads this once, at load.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -302,17 +299,20 @@ def render(res: dict) -> str:
         "# Deployment benchmarks",
         "",
         "Written by `benchmarks/run.py` (`make bench`). Each table comes from one process: its "
-        "variants were timed round by round (every round runs every variant once), so the "
-        "ratios within a table were measured in one run under the same conditions.",
+        "variants were timed in passes (every pass runs every variant), so the ratios within a "
+        "table were measured in one run under the same conditions.",
         "",
         f"- Machine: {m.get('cpu')}, {m.get('cpus')} CPUs, {m.get('mem_gb', '?')} GB, "
         f"int8 ISA: {', '.join(m.get('int8_isa', [])) or '?'}; {m.get('platform')}",
         "- Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
         "- Threads pinned per table (torch.set_num_threads, onnxruntime intra_op_num_threads); "
-        "warm-up before timing; no busy-waiting: `OMP_WAIT_POLICY=PASSIVE` for torch, "
-        "`session.intra_op.allow_spinning=0` for onnxruntime (with busy-waiting, torch and "
-        "onnxruntime in one process on 2 shared cores starved each other: torch fp32 vit-tiny "
-        "at batch 1 took 2100 ms instead of 46 ms).",
+        "each runtime with its default thread behaviour (torch's OpenMP threads and "
+        "onnxruntime's pool spin after a call, which is what makes them fast at batch 1). "
+        "Variants run in blocks of back-to-back calls, three passes over the variants, with a "
+        "warm-up call and a 0.2 s pause before each block, so that no runtime's spinning "
+        "threads steal the cores of the next (`vitcompress.bench.time_rounds`). An earlier "
+        "version of this file timed torch under `OMP_WAIT_POLICY=PASSIVE`, which made torch "
+        "fp32 1.6-4x slower at batch 1 and its ratios over torch too high.",
         "- Load: the 1-minute load average is printed under each table, next to the number of "
         "threads the benchmark keeps busy: a load near that number is a quiet machine, more "
         "means other jobs shared the CPUs (absolute "
@@ -337,8 +337,9 @@ def render(res: dict) -> str:
             out += [f"**Measured on another machine**: {here.get('cpu')}, int8 ISA: "
                     f"{', '.join(here.get('int8_isa', [])) or '?'}.", ""]  # fmt: skip
         out += [
-            f"{entry['date']}, {entry['threads']} threads, {entry['rounds']['b1']} rounds at "
-            f"batch 1 and {entry['rounds']['b32']} at batch 32, {entry['wall_s'] / 60:.0f} min; "
+            f"{entry['date']}, {entry['threads']} threads, {entry['rounds']['b1']} timed calls "
+            f"per variant at batch 1 and {entry['rounds']['b32']} at batch 32, "
+            f"{entry['wall_s'] / 60:.0f} min; "
             f"load average {ls[0]:.1f} at the start, {le[0]:.1f} at the end.",
             "",
             table(rows, 32),

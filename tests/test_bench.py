@@ -17,7 +17,7 @@ from vitcompress.models.checkpoints import save_run
 from vitcompress.quantize import QuantizeConfig, quantize_
 
 # Timings are not checked (shared CPUs): only that every variant runs and is reported.
-FAST = dict(rounds_b1=2, rounds_b32=1, batch=4, warmup=1, threads=1)
+FAST = dict(rounds_b1=2, rounds_b32=1, batch=4, warmup=1, threads=1, pause=0.0)
 
 
 def test_bench_preset_reports_every_variant(tmp_path):

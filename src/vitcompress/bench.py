@@ -1,9 +1,10 @@
 """Speed and size of the deployment variants of one model, on torch and onnxruntime.
 
 ``bench(checkpoint=... | model=..., img_size=224)`` builds the variants of one model, pins the
-threads (``torch.set_num_threads``, onnxruntime ``intra_op_num_threads``), warms each up, and
-times them in rounds: every round runs each variant once, so that load from other processes on
-a shared machine falls on all variants alike and the ratios stay meaningful. It reports per
+threads (``torch.set_num_threads``, onnxruntime ``intra_op_num_threads``) and times them in
+passes (:func:`time_rounds`): every pass runs each variant in a block of back-to-back calls
+after a warm-up call and a pause, so that load from other processes on a shared machine falls
+on all variants alike and the ratios stay meaningful. It reports per
 variant the median and p90 latency at batch 1, the throughput at batch 32 (images / median
 batch time), the bytes of the artifact it runs from, and the speed-up over torch fp32 eager.
 
@@ -28,13 +29,15 @@ Variants (names as in the results):
   low-rank and sparse variants above are one-shot and only measure speed; a ``compare`` run is
   how a stacked recipe gets its accuracy next to its speed.
 
-Busy-waiting threads: torch's OpenMP threads (libgomp, ``OMP_WAIT_POLICY`` active by default)
-and onnxruntime's spinning thread pool each keep their cores busy after a call. Timed in one
-process on a shared 2-core machine, they starved each other: torch fp32 vit-tiny at batch 1
-took 2100 ms next to a spinning onnxruntime session, 46 ms with onnxruntime's spinning off and
-``OMP_WAIT_POLICY=PASSIVE`` (onnxruntime itself: 63 -> 36 ms). So onnxruntime sessions here do
-not spin, and ``benchmarks/run.py`` sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (it
-cannot be changed afterwards); each row records the policy it ran under.
+Each runtime runs as a user gets it: torch's OpenMP threads and onnxruntime's thread pool both
+busy-wait (spin) for a while after a call, which is what makes them fast at batch 1. Switching
+that off is no fair baseline: with ``OMP_WAIT_POLICY=PASSIVE`` torch fp32 took 46 ms instead of
+28 ms for vit-tiny at batch 1 and 5.9 ms instead of 1.3 ms for the Fashion-MNIST vit-nano (2
+cores), and onnxruntime without spinning 28 ms instead of 20 ms. But spinning threads starve
+whatever runs next on the same cores (torch fp32 vit-tiny: 62 ms when each call followed a
+spinning onnxruntime call). Hence the blocks: a variant's calls follow each other, and the pause
+before each block lets the previous runtime's threads stop spinning. Each row records the
+``OMP_WAIT_POLICY`` it ran under.
 
 Random inputs (and random calibration batches unless ``calib`` is given): speed does not depend
 on the values, but accuracy does, so accuracy is measured elsewhere (``benchmarks/run.py``).
@@ -121,7 +124,7 @@ def _torch_runner(model: nn.Module) -> Callable[[np.ndarray], object]:
 def _ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
     from vitcompress.export import INPUT, ort_session
 
-    sess = ort_session(path, threads, spinning=False)
+    sess = ort_session(path, threads)  # spinning, onnxruntime's default (module docstring)
     return lambda x: sess.run(None, {INPUT: x})
 
 
@@ -301,18 +304,32 @@ def _input(batch: int, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def time_rounds(
-    variants: list[Variant], x: np.ndarray, rounds: int, warmup: int
+    variants: list[Variant],
+    x: np.ndarray,
+    rounds: int,
+    warmup: int,
+    passes: int = 3,
+    pause: float = 0.2,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each variant, ``rounds`` calls each, interleaved round by round."""
-    for v in variants:
-        for _ in range(warmup):
-            v.run(x)
+    """Seconds per call of each variant, ``rounds`` calls each.
+
+    The calls are split over ``passes`` sweeps through the variants (load that comes and goes
+    falls on all of them); in each sweep a variant sleeps ``pause`` seconds (the previous
+    runtime's threads stop spinning), runs ``warmup`` untimed calls (at least one: its own
+    threads wake up) and then its share of the timed calls back to back.
+    """
+    passes = max(1, min(passes, rounds))
     times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for _ in range(rounds):
+    for i in range(passes):
+        share = rounds // passes + (1 if i < rounds % passes else 0)
         for v in variants:
-            t0 = time.perf_counter()
-            v.run(x)
-            times[v.name].append(time.perf_counter() - t0)
+            time.sleep(pause)
+            for _ in range(max(1, warmup)):
+                v.run(x)
+            for _ in range(share):
+                t0 = time.perf_counter()
+                v.run(x)
+                times[v.name].append(time.perf_counter() - t0)
     return times
 
 
@@ -336,6 +353,7 @@ def bench(
     work_dir: str | Path | None = None,
     eval_loader: Iterable | None = None,
     compare: Iterable[str | Path] = (),
+    pause: float = 0.2,
 ) -> list[dict]:
     """Benchmark the deployment variants of a run directory or a preset (module docstring).
 
@@ -352,6 +370,7 @@ def bench(
         eval_loader: ``(images, labels)`` batches; when given, each row gets ``top1`` (%).
         compare: compressed run directories of the same model, timed (and evaluated) as
             ``ort-<directory name>`` next to the variants.
+        pause: seconds between blocks of calls (:func:`time_rounds`).
 
     Returns:
         One dict per variant: ``variant``, ``runtime``, ``format``, ``latency_ms_b1`` (median),
@@ -389,13 +408,13 @@ def bench(
     _pin_threads(threads)
     try:
         return _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_dir,
-                      rounds_b1, rounds_b32, batch, warmup, eval_loader, others)  # fmt: skip
+                      rounds_b1, rounds_b32, batch, warmup, eval_loader, others, pause)  # fmt: skip
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_dir, rounds_b1,
-           rounds_b32, batch, warmup, eval_loader, others) -> list[dict]:  # fmt: skip
+           rounds_b32, batch, warmup, eval_loader, others, pause) -> list[dict]:  # fmt: skip
     if calib is None:
         g = torch.Generator().manual_seed(0)
         calib = [torch.randn((8, *shape), generator=g) for _ in range(4)]
@@ -404,8 +423,8 @@ def _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_di
         wd.mkdir(parents=True, exist_ok=True)
         vs = build_variants(net.eval(), shape, names, wd, threads, calib, config, rank_ratio,
                             others)  # fmt: skip
-        t1 = time_rounds(vs, _input(1, shape), rounds_b1, warmup)
-        tb = time_rounds(vs, _input(batch, shape), rounds_b32, min(warmup, 1))
+        t1 = time_rounds(vs, _input(1, shape), rounds_b1, warmup, pause=pause)
+        tb = time_rounds(vs, _input(batch, shape), rounds_b32, min(warmup, 1), pause=pause)
         top1 = evaluate_variants(vs, eval_loader) if eval_loader is not None else {}
     rows = []
     for v in vs:
