@@ -96,6 +96,22 @@ def test_bench_compares_compressed_runs_of_the_same_model(tiny_vit_cfg, tmp_path
         bench(checkpoint=tmp_path / "dense", compare=[tmp_path / "missing"], **FAST)
 
 
+def test_time_rounds_runs_each_variant_in_blocks():
+    from vitcompress.bench import Variant, time_rounds
+
+    calls = []
+    vs = [Variant(n, "fake", "fake", lambda x, n=n: calls.append(n), 1) for n in "abc"]
+    times = time_rounds(vs, None, rounds=7, warmup=2, passes=3, pause=0.0)
+    assert {k: len(t) for k, t in times.items()} == {"a": 7, "b": 7, "c": 7}
+    # 3 passes; in each, a block per variant: 2 warm-up calls, then its share of 3 + 2 + 2
+    blocks = [(n, 2 + share) for share in (3, 2, 2) for n in "abc"]
+    assert calls == [n for n, k in blocks for _ in range(k)]
+    # never more passes than timed calls
+    calls.clear()
+    time_rounds(vs[:1], None, rounds=1, warmup=0, passes=3, pause=0.0)
+    assert calls == ["a", "a"]  # at least one warm-up call, then the one timed call
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
