@@ -36,19 +36,17 @@ def profile(path: Path, x: np.ndarray, threads: int, runs: int, prefix: str) -> 
     so.enable_profiling = True
     so.profile_file_prefix = prefix
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        sess.run(None, {INPUT: x})
-    events = json.loads(Path(sess.end_profiling()).read_text())  # warm-up profile: dropped
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    sess.run(None, {INPUT: x})
-    for _ in range(runs):
+    for _ in range(runs + 1):
         sess.run(None, {INPUT: x})
     events = json.loads(Path(sess.end_profiling()).read_text())
+    # the first run warms up: only node events after it ends count
+    first = min((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    after = first["ts"] + first["dur"]
     per_op: collections.Counter = collections.Counter()
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= after:
             per_op[e["args"]["op_name"]] += e["dur"]
-    return {k: v / 1e3 / (runs + 1) for k, v in per_op.most_common()}
+    return {k: v / 1e3 / runs for k, v in per_op.most_common()}
 
 
 def linear_macs(model: torch.nn.Module, tokens: int) -> int:
@@ -96,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.img_size}",
         "",
         f"Written by `benchmarks/ort_profile.py`: {platform.machine()}, {args.threads} threads, "
-        f"onnxruntime {ort.__version__}; mean of {args.runs + 1} profiled runs after warm-up, "
+        f"onnxruntime {ort.__version__}; mean of {args.runs} profiled runs after a warm-up run, "
         "kernel time per operator type (onnxruntime's profiler; fused operators as it ran "
         "them). Random weights and inputs.",
         "",

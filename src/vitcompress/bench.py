@@ -174,7 +174,7 @@ def build_variants(
     """The requested variants of ``model`` (module docstring), with their artifacts in
     ``work_dir``; then one ``ort-<label>`` variant per ``(label, model, config)`` of
     ``compare``."""
-    from vitcompress.export import export_onnx, quantize_dynamic_onnx
+    from vitcompress.export import export_onnx, quantize_dynamic_onnx, read_metadata
     from vitcompress.pack import bytes_stored
 
     cfg = dict(config or {})
@@ -187,6 +187,12 @@ def build_variants(
         if name not in cache:
             cache[name] = export_onnx(m, p, input_shape, {"variant": name}, check=False)
         return p
+
+    def ort_as_stored(name: str, key: str, m: nn.Module, suffix: str = "") -> Variant:
+        """``m`` exported as it is (the format its metadata names) on onnxruntime."""
+        p = onnx(key, m)
+        fmt = read_metadata(p).get("vitcompress.format", "?") + suffix
+        return Variant(name, "onnxruntime", fmt, _ort_runner(p, threads), p.stat().st_size)
 
     def quantized() -> nn.Module:
         if "q" not in cache:
@@ -206,11 +212,7 @@ def build_variants(
             v = Variant(name, "torch", "int8 real (to_int8_)", _torch_runner(q),
                         bytes_stored(q, cfg))  # fmt: skip
         elif name == "ort-model":
-            from vitcompress.export import read_metadata
-
-            p = onnx("model", model)
-            fmt = read_metadata(p).get("vitcompress.format", "?")
-            v = Variant(name, "onnxruntime", fmt, _ort_runner(p, threads), p.stat().st_size)
+            v = ort_as_stored(name, "model", model)
         elif name == "torch-fp32":
             v = Variant(name, "torch", "fp32", _torch_runner(model), bytes_stored(model, cfg))
         elif name == "torch-int8-dynamic":
@@ -267,14 +269,17 @@ def build_variants(
             )
         out.append(v)
     for label, other, other_cfg in compare:
-        from vitcompress.export import read_metadata
-
-        p = onnx(f"compare-{label}", other.eval())
-        fmt = read_metadata(p).get("vitcompress.format", "?")
-        notes = {"packed_bytes": bytes_stored(other, other_cfg)}
-        out.append(Variant(f"ort-{label}", "onnxruntime", f"{fmt}, run {label}",
-                           _ort_runner(p, threads), p.stat().st_size, notes))  # fmt: skip
+        v = ort_as_stored(f"ort-{label}", f"compare-{label}", other.eval(), f", run {label}")
+        v.notes["packed_bytes"] = bytes_stored(other, other_cfg)
+        out.append(v)
     return out
+
+
+def _input_shape(config: dict, img_size: int) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the images the model of ``config`` takes."""
+    mc = config.get("model", {})
+    size = int(mc.get("img_size", img_size))
+    return int(mc.get("in_chans", 3)), size, size
 
 
 def _load_compare(runs: Iterable[str | Path], shape: tuple[int, ...], names: set[str]) -> list:
@@ -285,8 +290,7 @@ def _load_compare(runs: Iterable[str | Path], shape: tuple[int, ...], names: set
     for run in runs:
         path = Path(run)
         other, cfg = load_run(path)
-        mc = cfg.get("model", {})
-        got = (int(mc.get("in_chans", 3)), int(mc.get("img_size", 0)), int(mc.get("img_size", 0)))
+        got = _input_shape(cfg, 0)
         if got != tuple(shape):
             raise VitcompressError(
                 f"bench: compare run {path} takes {got[0]}x{got[1]}x{got[2]} images, the "
@@ -400,9 +404,7 @@ def bench(
     names = list(variants)
     if not names:
         raise VitcompressError("bench: no variants to run")
-    mc = config.get("model", {})
-    shape = (int(mc.get("in_chans", 3)), int(mc.get("img_size", img_size)),
-             int(mc.get("img_size", img_size)))  # fmt: skip
+    shape = _input_shape(config, img_size)
     others = _load_compare(compare, shape, set(names))
     saved_threads = torch.get_num_threads()
     _pin_threads(threads)

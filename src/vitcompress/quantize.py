@@ -55,6 +55,7 @@ from vitcompress.formats import (
     dynamic_qparams,
     expand_qparams,
     fake_quant,
+    fake_quant_int,
     get_format,
     qparams_from_minmax,
     quantize_int,
@@ -242,12 +243,11 @@ def fake_quant_slices(t: torch.Tensor, bits: int) -> torch.Tensor:
     alone (``pack``'s "scaled" layout). A scale 0.4 % off the ideal moves the grid, not the
     error bound.
     """
-    qmax = 2 ** (bits - 1) - 1
-    g = t.detach().float().reshape(t.shape[0] if t.dim() >= 2 else 1, -1)
-    amax = g.abs().amax(dim=1, keepdim=True)
-    s = round_scale(amax / qmax, torch.bfloat16)
-    codes = torch.clamp(torch.round(g / s), -qmax, qmax) + 0.0  # no -0.0: codes are integers
-    return (codes * s).reshape(t.shape)
+    fmt = IntFormat(bits)  # symmetric, narrow: codes in [-qmax, qmax]
+    granularity = "per_channel" if t.dim() >= 2 else "per_tensor"
+    scale, zero = compute_qparams(t, fmt, granularity, axis=0)
+    # adding the zero point (0.0) turns a -0.0 code into +0.0, as the packer wants
+    return fake_quant_int(t, round_scale(scale, torch.bfloat16), zero, fmt.qmin, fmt.qmax)
 
 
 def round_rest_(model: nn.Module, rest: str) -> None:
