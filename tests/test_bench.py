@@ -12,7 +12,7 @@ from vitcompress.bench import (
     is_compressed,
 )
 from vitcompress.errors import VitcompressError
-from vitcompress.models import build_model
+from vitcompress.models import build_model, model_config
 from vitcompress.models.checkpoints import save_run
 from vitcompress.quantize import QuantizeConfig, quantize_
 
@@ -37,6 +37,13 @@ def test_bench_preset_reports_every_variant(tmp_path):
     table = format_table(rows)
     assert all(v in table for v in DEFAULT_VARIANTS) and "b4 img/s" in table
     assert (tmp_path / "int8-qdq.onnx").is_file()
+    # fused attention: the same model, one MultiHeadAttention node per block
+    from vitcompress.export import onnx_ops
+
+    assert by["ort-int8-qdq-mha"]["format"] == "int8 QDQ (ours), fused attention"
+    blocks = model_config("vit-nano")["depth"]
+    assert onnx_ops(tmp_path / "int8-qdq-mha.onnx")["MultiHeadAttention"] == blocks
+    assert "MultiHeadAttention" not in onnx_ops(tmp_path / "int8-qdq.onnx")
 
 
 def test_bench_compressed_checkpoint_and_cli(tiny_vit_cfg, tmp_path, capsys):
@@ -53,7 +60,10 @@ def test_bench_compressed_checkpoint_and_cli(tiny_vit_cfg, tmp_path, capsys):
     assert [r["variant"] for r in rows] == list(COMPRESSED_VARIANTS)
     assert rows[0]["top1"] == 100.0  # labelled by the model itself
     assert all(0 <= r["top1"] <= 100 for r in rows)
-    assert rows[-1]["format"] == "int8-qdq"
+    by = {r["variant"]: r for r in rows}
+    assert by["ort-model"]["format"] == "int8-qdq"
+    assert by["ort-model-mha"]["format"] == "int8-qdq, fused attention"
+    assert by["ort-model-mha"]["top1"] == by["ort-model"]["top1"]
     out = bench_cli(tmp_path / "run", None, 16, 1, json_out=True)
     printed = json.loads(capsys.readouterr().out)
     assert [r["variant"] for r in printed] == [r["variant"] for r in out]
@@ -76,7 +86,8 @@ def test_bench_compares_compressed_runs_of_the_same_model(tiny_vit_cfg, tmp_path
         y = dense(x).argmax(-1)
     rows = bench(checkpoint=tmp_path / "dense", variants=["torch-fp32"],
                  compare=[tmp_path / "int8-run"], eval_loader=[(x, y)], **FAST)  # fmt: skip
-    assert [r["variant"] for r in rows] == ["torch-fp32", "ort-int8-run"]
+    assert [r["variant"] for r in rows] == ["torch-fp32", "ort-int8-run", "ort-int8-run-mha"]
+    assert rows[2]["format"].endswith("run int8-run, fused attention")
     other = rows[1]
     assert other["format"].startswith("int8-qdq") and "int8-run" in other["format"]
     assert other["speedup_b1"] > 0 and 0 <= other["top1"] <= 100
@@ -86,7 +97,7 @@ def test_bench_compares_compressed_runs_of_the_same_model(tiny_vit_cfg, tmp_path
                  str(tmp_path / "int8-run"), "--threads", "1", "--json"])  # fmt: skip
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed[-1]["variant"] == "ort-int8-run"
+    assert printed[-1]["variant"] == "ort-int8-run-mha"
     # a run of another input size is refused before any timing
     cfg32 = model_config("vit-nano", img_size=32, patch_size=4, in_chans=1, num_classes=4)
     save_run(tmp_path / "other", build_model(cfg32), {"model": cfg32})
@@ -119,6 +130,7 @@ def test_time_rounds_runs_each_variant_in_blocks():
         (dict(model="vit-nano", checkpoint="x"), "checkpoint"),
         (dict(model="vit-nano", img_size=16, threads=0), "threads"),
         (dict(model="vit-nano", img_size=16, variants=["tensorrt"]), "unknown bench variant"),
+        (dict(model="vit-nano", img_size=16, variants=["torch-fp32-mha"]), "torch-fp32-mha"),
         (dict(model="vit-huge"), "unknown model"),
     ],
 )

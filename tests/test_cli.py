@@ -1,11 +1,13 @@
 """The command line as a user meets it: real data, real runs, one-line errors."""
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from vitcompress.cli import main
+from vitcompress.cli import build_parser, main
+from vitcompress.export import EXPORT_FORMATS, read_metadata
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_file(), reason="dataset-fashion-mnist missing")
@@ -134,3 +136,16 @@ def test_compress_2of4_int8_end_to_end(trained, tmp_path, capsys):
     # the run directory reloads into the same model: same accuracy on the same images
     assert main(["evaluate", "--checkpoint", str(out), "--limit", "1000", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(m["top1"])
+    # ... and exports for onnxruntime with its fused attention kernel
+    onnx_path = tmp_path / "c.onnx"
+    assert main(["export", "--checkpoint", str(out), "--format", "onnx", "--fused-attention",
+                 "--out", str(onnx_path)]) == 0  # fmt: skip
+    meta = read_metadata(onnx_path)
+    assert meta["vitcompress.format"] == "int8-qdq"
+    assert meta["vitcompress.attention"] == "com.microsoft.MultiHeadAttention"
+
+
+def test_export_offers_every_export_format():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    fmt = next(a for a in sub.choices["export"]._actions if a.dest == "format")
+    assert tuple(fmt.choices) == EXPORT_FORMATS

@@ -16,7 +16,7 @@ from vitcompress.export import (
     read_metadata,
 )
 from vitcompress.lowrank import LowRankConfig, factorize_
-from vitcompress.models import build_model
+from vitcompress.models import build_model, create_model
 from vitcompress.models.checkpoints import save_run
 from vitcompress.pack import load_packed
 from vitcompress.quantize import QuantizeConfig, cpu_has_vnni, quantize_, to_int8_
@@ -69,12 +69,20 @@ CASES = [
     ("int8_attn", "fp32", 1e-3, 40),
     ("int7_weights", "fp32", 1e-3, 40),  # int16 pair sums cannot saturate: exact on any CPU
 ]
+# the same, with attention as onnxruntime's fused MultiHeadAttention: the same tolerances
+FUSED = {"fp32", "lowrank", "int8", "int7_weights"}
+CASES_FUSED = [(*c, False) for c in CASES] + [
+    (*c, True) for c in CASES if c[0] in FUSED or c[1] == "fp16"
+]
 
 
-@pytest.mark.parametrize("kind,precision,tol,sqnr", CASES)
-def test_export_runs_in_onnxruntime_and_agrees(kind, precision, tol, sqnr, tiny_vit_cfg, tmp_path):
+@pytest.mark.parametrize("kind,precision,tol,sqnr,fused", CASES_FUSED)
+def test_export_runs_in_onnxruntime_and_agrees(
+    kind, precision, tol, sqnr, fused, tiny_vit_cfg, tmp_path
+):
     model = _model(tiny_vit_cfg, kind)
-    path = export_onnx(model, tmp_path / "m.onnx", SHAPE, META, precision=precision)
+    path = export_onnx(model, tmp_path / "m.onnx", SHAPE, META, precision=precision,
+                       fused_attention=fused)  # fmt: skip
     meta = read_metadata(path)
     assert json.loads(meta["classes"]) == META["classes"]
     assert json.loads(meta["mean"]) == [0.5] and meta["img_size"] == "16"
@@ -95,7 +103,14 @@ def test_export_runs_in_onnxruntime_and_agrees(kind, precision, tol, sqnr, tiny_
             assert got["sqnr_db"] >= 15
             continue
         assert got["max_abs"] <= tol and got["sqnr_db"] >= sqnr and got["argmax_agree"] == 1.0
-    nodes = {n.op_type for n in onnx.load(str(path)).graph.node}
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    nodes = set(ops)
+    if fused:  # one kernel per block; no attention products, softmax or shape arithmetic left
+        assert ops.count("MultiHeadAttention") == tiny_vit_cfg["depth"]
+        assert meta["vitcompress.attention"] == "com.microsoft.MultiHeadAttention"
+        assert "Softmax" not in nodes and ops.count("Transpose") == 1  # the patch embedding's
+    else:
+        assert "MultiHeadAttention" not in nodes and "Softmax" in nodes
     if kind.startswith(("int8", "int7")):
         assert meta["vitcompress.format"] == "int8-qdq"
         assert "QuantizeLinear" in nodes and "DequantizeLinear" in nodes
@@ -151,6 +166,19 @@ def test_unsupported_export_is_one_clear_line(config, match, tiny_vit_cfg, tmp_p
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_fused_attention_refuses_quantised_products_and_models_without_vit_attention(
+    tiny_vit_cfg, tmp_path
+):
+    with pytest.raises(VitcompressError, match="blocks.0.attn quantises its attention") as e:
+        export_onnx(_model(tiny_vit_cfg, "int8_attn"), tmp_path / "x.onnx", SHAPE,
+                    fused_attention=True)  # fmt: skip
+    assert "\n" not in str(e.value)
+    cnn = create_model("resnet-micro", img_size=16, in_chans=1, num_classes=4).eval()
+    with pytest.raises(VitcompressError, match="has none"):
+        export_onnx(cnn, tmp_path / "x.onnx", SHAPE, fused_attention=True)
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_fp16_of_a_quantised_model_is_refused(tiny_vit_cfg, tmp_path):
     with pytest.raises(VitcompressError, match="fp16 is for float models"):
         export_onnx(_model(tiny_vit_cfg, "int8"), tmp_path / "x.onnx", SHAPE, precision="fp16")
@@ -164,6 +192,12 @@ def test_export_cli(tiny_vit_cfg, tmp_path):
     onnx_path = export_cli(run, "onnx", tmp_path / "m.onnx")
     meta = read_metadata(onnx_path)
     assert json.loads(meta["classes"]) == META["classes"] and meta["model"] == "vit-nano"
+    assert "vitcompress.attention" not in meta  # portable ONNX unless asked
+    fused = export_cli(run, "onnx", tmp_path / "f.onnx", fused_attention=True)
+    assert read_metadata(fused)["vitcompress.attention"] == "com.microsoft.MultiHeadAttention"
+    assert json.loads(read_metadata(fused)["vitcompress.check"])["max_abs"] < 1e-4
+    with pytest.raises(VitcompressError, match="fused attention is an ONNX option"):
+        export_cli(run, "packed", tmp_path / "f.vcpack", fused_attention=True)
     packed = export_cli(run, "packed", tmp_path / "m.vcpack")
     loaded, config = load_packed(packed)
     x = torch.randn(2, *SHAPE)

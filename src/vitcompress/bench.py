@@ -23,11 +23,15 @@ Variants (names as in the results):
 - ``torch-sparse-csr-<s>`` / ``ort-sparse-<s>``: encoder Linears pruned to ``s`` unstructured,
   run through :mod:`vitcompress.sparse_exec` (CSR) in torch, and dense in onnxruntime (which has
   no sparse kernel: same speed as fp32, listed to show it).
+- ``<ort variant>-mha``: the same ONNX model with each attention block as onnxruntime's fused
+  ``MultiHeadAttention`` kernel (:func:`~vitcompress.export.export_onnx`,
+  ``fused_attention=True``): same maths, about 20 fewer nodes per block.
 - ``ort-<run>``: ``compare`` runs, compressed run directories of the same model (``vitcompress
   compress`` output: fine-tuned, pruned, factorised, quantised as its recipe said), exported as
   they are (INT8 as QDQ) and timed on onnxruntime against this model's ``torch-fp32``. The
   low-rank and sparse variants above are one-shot and only measure speed; a ``compare`` run is
-  how a stacked recipe gets its accuracy next to its speed.
+  how a stacked recipe gets its accuracy next to its speed. Each also runs as
+  ``ort-<run>-mha`` unless its attention products are quantised.
 
 Each runtime runs as a user gets it: torch's OpenMP threads and onnxruntime's thread pool both
 busy-wait (spin) for a while after a call, which is what makes them fast at batch 1. Switching
@@ -68,16 +72,20 @@ DEFAULT_VARIANTS = (
     "torch-int8-dynamic",
     "torch-int8",
     "ort-fp32",
+    "ort-fp32-mha",
     "ort-int8-dynamic",
     "ort-int8-qdq",
+    "ort-int8-qdq-mha",
     "ort-lowrank-fp32",
     "ort-lowrank-int8-qdq",
+    "ort-lowrank-int8-qdq-mha",
     "torch-sparse-csr-0.9375",
     "torch-sparse-csr-0.96875",
     "ort-sparse-0.9375",
 )
 # a checkpoint that is already compressed runs as it is stored
-COMPRESSED_VARIANTS = ("torch-model", "torch-model-int8", "ort-model")
+COMPRESSED_VARIANTS = ("torch-model", "torch-model-int8", "ort-model", "ort-model-mha")
+FUSED_SUFFIX = "-mha"  # an ort-* variant exported with fused attention
 BASELINE = "torch-fp32"
 
 
@@ -182,10 +190,14 @@ def build_variants(
     out: list[Variant] = []
     cache: dict[str, object] = {}
 
-    def onnx(name: str, m: nn.Module) -> Path:
-        p = work_dir / f"{name}.onnx"
-        if name not in cache:
-            cache[name] = export_onnx(m, p, input_shape, {"variant": name}, check=False)
+    fused = False  # the variant being built has fused attention
+
+    def onnx(key: str, m: nn.Module) -> Path:
+        key += FUSED_SUFFIX if fused else ""
+        p = work_dir / f"{key}.onnx"
+        if key not in cache:
+            cache[key] = export_onnx(m, p, input_shape, {"variant": key}, check=False,
+                                     fused_attention=fused)  # fmt: skip
         return p
 
     def ort_as_stored(name: str, key: str, m: nn.Module, suffix: str = "") -> Variant:
@@ -199,7 +211,9 @@ def build_variants(
             cache["q"] = _quantized_copy(model, calib)
         return cache["q"]  # type: ignore[return-value]
 
-    for name in names:
+    for full_name in names:
+        fused = full_name.startswith("ort-") and full_name.endswith(FUSED_SUFFIX)
+        name = full_name.removesuffix(FUSED_SUFFIX) if fused else full_name
         if name == "torch-model":
             v = Variant(name, "torch", "as stored", _torch_runner(model), bytes_stored(model, cfg))
         elif name == "torch-model-int8":
@@ -232,7 +246,8 @@ def build_variants(
             p = onnx("fp32", model)
             v = Variant(name, "onnxruntime", "fp32", _ort_runner(p, threads), p.stat().st_size)
         elif name == "ort-int8-dynamic":
-            p = quantize_dynamic_onnx(onnx("fp32", model), work_dir / "ort-dynamic.onnx")
+            dst = work_dir / f"ort-dynamic{FUSED_SUFFIX * fused}.onnx"
+            p = quantize_dynamic_onnx(onnx("fp32", model), dst)
             v = Variant(name, "onnxruntime", "int8 dynamic (ORT peer)", _ort_runner(p, threads),
                         p.stat().st_size)  # fmt: skip
         elif name == "ort-int8-qdq":
@@ -264,14 +279,26 @@ def build_variants(
                             bytes_stored(pruned, cfg), {"sparse": summary(report)})  # fmt: skip
         else:
             raise VitcompressError(
-                f"unknown bench variant {name!r}; known: {', '.join(DEFAULT_VARIANTS)} "
-                "(sparse ones take any sparsity, e.g. torch-sparse-csr-0.9)"
+                f"unknown bench variant {full_name!r}; known: {', '.join(DEFAULT_VARIANTS)} "
+                "(sparse ones take any sparsity, e.g. torch-sparse-csr-0.9; onnxruntime ones "
+                f"take {FUSED_SUFFIX} for fused attention)"
             )
+        if fused:
+            v.name, v.fmt = full_name, v.fmt + ", fused attention"
         out.append(v)
     for label, other, other_cfg in compare:
-        v = ort_as_stored(f"ort-{label}", f"compare-{label}", other.eval(), f", run {label}")
-        v.notes["packed_bytes"] = bytes_stored(other, other_cfg)
-        out.append(v)
+        for fused in (False, True):
+            try:
+                v = ort_as_stored(f"ort-{label}" + FUSED_SUFFIX * fused, f"compare-{label}",
+                                  other.eval(), f", run {label}")  # fmt: skip
+            except VitcompressError:
+                if not fused:
+                    raise
+                continue  # attention products quantised: no fused form (export_onnx says why)
+            if fused:
+                v.fmt += ", fused attention"
+            v.notes["packed_bytes"] = bytes_stored(other, other_cfg)
+            out.append(v)
     return out
 
 
@@ -297,7 +324,8 @@ def _load_compare(runs: Iterable[str | Path], shape: tuple[int, ...], names: set
                 f"benchmarked model {shape[0]}x{shape[1]}x{shape[2]}"
             )
         label = path.name
-        if f"ort-{label}" in names or any(label == lab for lab, _, _ in out):
+        taken = {f"ort-{label}", f"ort-{label}{FUSED_SUFFIX}"} & set(names)
+        if taken or any(label == lab for lab, _, _ in out):
             raise VitcompressError(f"bench: two variants named ort-{label}; rename a run")
         out.append((label, other, cfg))
     return out

@@ -148,7 +148,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from vitcompress.export import export_cli
 
-    path = export_cli(Path(args.checkpoint), args.format, Path(args.out))
+    path = export_cli(Path(args.checkpoint), args.format, Path(args.out), args.fused_attention)
     print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     return 0
 
@@ -277,8 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run as ONNX or as a packed checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory")
-    p.add_argument("--format", required=True, choices=["onnx", "packed"])
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["onnx", "onnx-fp16", "onnx-dynamic", "packed"],
+        help="onnx: fp32, or INT8 QDQ for an int8 run; onnx-fp16: half precision; "
+        "onnx-dynamic: onnxruntime's quantize_dynamic of the fp32 export; packed: the "
+        "compressed checkpoint as stored",
+    )
     p.add_argument("--out", required=True, help="file to write (model.onnx / model.packed)")
+    p.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="attention as onnxruntime's MultiHeadAttention kernel (faster in onnxruntime; "
+        "a com.microsoft operator that other ONNX tools do not know)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="latency and throughput on torch and onnxruntime")

@@ -50,6 +50,7 @@ INPUT, OUTPUT = "input", "logits"
 PRECISIONS = ("fp32", "fp16")
 ACT_DTYPES = ("int8", "uint8")
 EXPORT_FORMATS = ("onnx", "onnx-fp16", "onnx-dynamic", "packed")
+ORT_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
 
 # --------------------------------------------------------------------------------------------
 # QDQ building blocks: torch maths for tracing, ONNX nodes through ``symbolic``
@@ -162,6 +163,78 @@ class QDQMatMul(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.matmul(self.a_qdq(a), self.b_qdq(b))
+
+
+class _MultiHeadAttentionFn(torch.autograd.Function):
+    """Softmax attention over ``(B, N, H*D)`` queries, keys and values (heads side by side in
+    the last dimension), exported as one ``com.microsoft::MultiHeadAttention`` node."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, num_heads, scale):  # noqa: D102
+        B, N, C = q.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(B, -1, num_heads, C // num_heads).transpose(1, 2)
+
+        o = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v),
+                                                             scale=scale)  # fmt: skip
+        return o.transpose(1, 2).reshape(B, N, C)
+
+    @staticmethod
+    def symbolic(g, q, k, v, num_heads, scale):  # noqa: D102
+        out = g.op(f"{ORT_DOMAIN}::MultiHeadAttention", q, k, v, num_heads_i=num_heads,
+                   scale_f=scale)  # fmt: skip
+        out.setType(q.type())
+        return out
+
+
+class FusedAttention(nn.Module):
+    """A ViT attention block as onnxruntime's fused ``MultiHeadAttention`` contrib operator.
+
+    The qkv projection (float, low-rank or int8 QDQ) stays as it is; its output is split into
+    q, k, v with constant sizes, so the graph has no shape arithmetic, and the head split,
+    ``Q.K^T``, softmax, ``A.V`` and head merge (about 20 nodes per block, most of them layout
+    ops) become one kernel. The maths is unchanged (fp32), so logits match the unfused export.
+    """
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self.num_heads, self.head_dim = int(attn.num_heads), int(attn.head_dim)
+        self.scale = float(attn.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.num_heads * self.head_dim  # a constant, not x.shape[-1]: no Shape node
+        q, k, v = self.qkv(x).split([c, c, c], dim=-1)
+        return self.proj(_MultiHeadAttentionFn.apply(q, k, v, self.num_heads, self.scale))
+
+
+def fuse_attention_(model: nn.Module) -> int:
+    """Replace every ViT attention block of an exportable model (:func:`prepare_for_onnx`)
+    by :class:`FusedAttention`, in place; returns how many were replaced.
+
+    Raises:
+        VitcompressError: an attention block whose dot products are quantised (their QDQ
+            cannot sit inside the fused kernel), or a model with no ViT attention block.
+    """
+    from vitcompress.models.vit import Attention
+
+    blocks = [(n, a) for n, a in model.named_modules() if isinstance(a, Attention)]
+    for name, attn in blocks:
+        if isinstance(attn.qk_matmul, QDQMatMul) or isinstance(attn.av_matmul, QDQMatMul):
+            raise VitcompressError(
+                f"export: {name} quantises its attention products (attention_matmul int8), "
+                "which the fused MultiHeadAttention kernel computes in fp32; export without "
+                "fused attention"
+            )
+    if not blocks:
+        raise VitcompressError(
+            "export: fused attention needs ViT attention blocks (vitcompress.models.vit."
+            "Attention); this model has none"
+        )
+    for name, attn in blocks:
+        replace_module(model, name, FusedAttention(attn))
+    return len(blocks)
 
 
 class _CastWrapper(nn.Module):
@@ -289,7 +362,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _torch_export(m: nn.Module, x: torch.Tensor, opset: int) -> bytes:
+def _torch_export(m: nn.Module, x: torch.Tensor, opset: int, ort_ops: bool = False) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
@@ -304,6 +377,7 @@ def _torch_export(m: nn.Module, x: torch.Tensor, opset: int) -> bytes:
                 output_names=[OUTPUT],
                 dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
                 do_constant_folding=True,
+                custom_opsets={ORT_DOMAIN: 1} if ort_ops else None,
             )
         except Exception as e:  # the exporter raises many types
             raise VitcompressError(f"export: torch.onnx.export failed ({_one_line(e)})") from None
@@ -402,6 +476,7 @@ def export_onnx(
     act_dtype: str = "uint8",
     clip_restricted: bool = True,
     check: bool = True,
+    fused_attention: bool = False,
 ) -> Path:
     """Export ``model`` to ONNX at ``path`` (module docstring); returns the path.
 
@@ -417,6 +492,9 @@ def export_onnx(
         clip_restricted: keep symmetric int8 activations at [-127, 127] as in torch.
         check: load the file in onnxruntime, compare with ``model`` on a random batch of 2,
             and store the result under ``vitcompress.check``.
+        fused_attention: each ViT attention block as onnxruntime's ``MultiHeadAttention``
+            contrib operator (:class:`FusedAttention`): faster in onnxruntime, but a
+            ``com.microsoft`` operator that other ONNX consumers (FPGA tool flows) do not know.
 
     Raises:
         VitcompressError: an unsupported combination, an exporter failure, or a model that
@@ -430,6 +508,8 @@ def export_onnx(
         raise VitcompressError(f"opset must be an integer >= 13 (per-channel QDQ), got {opset!r}")
     input_shape = tuple(int(s) for s in input_shape)
     m, kind = prepare_for_onnx(model, act_dtype, clip_restricted)
+    if fused_attention:
+        fuse_attention_(m)
     if precision == "fp16":
         if kind != "fp32":
             raise VitcompressError(
@@ -438,8 +518,10 @@ def export_onnx(
             )
         m, kind = _CastWrapper(m, torch.float16), "fp16"
     x = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0))
-    proto = onnx.load_from_string(_torch_export(m, x, opset))
+    proto = onnx.load_from_string(_torch_export(m, x, opset, ort_ops=fused_attention))
     meta = {"vitcompress.format": kind, "vitcompress.input_shape": list(input_shape)}
+    if fused_attention:
+        meta["vitcompress.attention"] = f"{ORT_DOMAIN}.MultiHeadAttention"
     if kind == "int8-qdq":
         meta["vitcompress.act_dtype"] = act_dtype
     if check:
@@ -525,16 +607,19 @@ def input_shape_of(config: dict) -> tuple[int, int, int]:
         raise VitcompressError("config['model'] needs in_chans and img_size") from None
 
 
-def export_cli(checkpoint: Path, fmt: str, out: Path) -> Path:
+def export_cli(checkpoint: Path, fmt: str, out: Path, fused_attention: bool = False) -> Path:
     """``vitcompress export``: the run directory ``checkpoint`` as ``fmt`` at ``out``.
 
     Formats: ``onnx`` (fp32 for float models, INT8 QDQ for int8-quantised ones), ``onnx-fp16``,
     ``onnx-dynamic`` (onnxruntime's quantize_dynamic of the fp32 export), ``packed``.
+    ``fused_attention``: ONNX formats only (:func:`export_onnx`).
     """
     from vitcompress.models.checkpoints import load_run
 
     if fmt not in EXPORT_FORMATS:
         raise VitcompressError(f"unknown export format {fmt!r}; choose from {EXPORT_FORMATS}")
+    if fused_attention and not fmt.startswith("onnx"):
+        raise VitcompressError(f"fused attention is an ONNX option; format {fmt!r} has no graph")
     model, config = load_run(Path(checkpoint))
     out = Path(out)
     if fmt == "packed":
@@ -544,8 +629,9 @@ def export_cli(checkpoint: Path, fmt: str, out: Path) -> Path:
         return out
     shape = input_shape_of(config)
     meta = run_metadata(config)
+    fused = {"fused_attention": fused_attention}
     if fmt == "onnx-fp16":
-        return export_onnx(model, out, shape, meta, precision="fp16")
+        return export_onnx(model, out, shape, meta, precision="fp16", **fused)
     if fmt == "onnx-dynamic":
         import tempfile
 
@@ -556,19 +642,21 @@ def export_cli(checkpoint: Path, fmt: str, out: Path) -> Path:
                 f"quantised ({kind}): use format onnx"
             )
         with tempfile.TemporaryDirectory() as d:
-            fp32 = export_onnx(model, Path(d) / "fp32.onnx", shape, meta)
+            fp32 = export_onnx(model, Path(d) / "fp32.onnx", shape, meta, **fused)
             return quantize_dynamic_onnx(fp32, out)
-    return export_onnx(model, out, shape, meta)
+    return export_onnx(model, out, shape, meta, **fused)
 
 
 __all__ = [
     "EXPORT_FORMATS",
+    "FusedAttention",
     "QDQLinear",
     "QDQMatMul",
     "agreement",
     "check_onnx",
     "export_cli",
     "export_onnx",
+    "fuse_attention_",
     "onnx_ops",
     "ort_session",
     "prepare_for_onnx",
