@@ -47,6 +47,7 @@ from vitcompress.errors import VitcompressError
 from vitcompress.lowrank import LOWRANK_TYPES, restore_lowrank_
 from vitcompress.models import build_model
 from vitcompress.models.checkpoints import atomic_write_bytes
+from vitcompress.shrink import restore_shrink_, shrink_structure
 from vitcompress.sparsity import MASK
 
 META_KEY = "vitcompress.pack"
@@ -438,6 +439,7 @@ def describe_structure(model: nn.Module) -> dict:
         "int8_linear": {},
         "masks": [],
         "fused_attn": {},
+        "shrink": shrink_structure(model),
     }
     for name, m in model.named_modules():
         if isinstance(m, LOWRANK_TYPES):
@@ -479,6 +481,7 @@ def rebuild_structure_(model: nn.Module, s: dict) -> None:
     from vitcompress.targets import replace_module
 
     QuantLinear, QuantMatMul, Int8Linear = _quant_classes()
+    restore_shrink_(model, s.get("shrink", {}))  # first: the layers below take its shapes
     restore_lowrank_(model, s.get("lowrank", {}))
     for name, q in s.get("quant_linear", {}).items():
         new = QuantLinear(

@@ -7,10 +7,12 @@
       - quantize: {weights: int8, activations: int8, granularity: per_channel,
                    calibration: {method: percentile, batches: 16}}
 
-Step kinds: ``prune`` (:class:`~vitcompress.sparsity.PruneConfig`), ``lowrank``
+Step kinds: ``shrink`` (:class:`~vitcompress.shrink.ShrinkConfig`: remove heads and MLP
+neurons), ``prune`` (:class:`~vitcompress.sparsity.PruneConfig`), ``lowrank``
 (:class:`~vitcompress.lowrank.LowRankConfig`), ``finetune`` (:class:`FinetuneConfig`),
 ``quantize`` (:class:`~vitcompress.quantize.QuantizeConfig`). ``layers`` is another name for
 ``targets``. A cubic ``prune`` step prunes gradually during the ``finetune`` step after it.
+``shrink`` changes the layers' shapes, so it comes before prune, lowrank and quantize.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from vitcompress.models.checkpoints import STRUCTURE_REBUILDERS
 from vitcompress.sparsity import PruneConfig
 from vitcompress.targets import replace_module, select_modules
 
-STEP_KINDS = ("prune", "lowrank", "finetune", "quantize")
+STEP_KINDS = ("shrink", "prune", "lowrank", "finetune", "quantize")
 TOP_KEYS = ("name", "steps", "description")
 
 
@@ -163,6 +165,10 @@ def _step_config(kind: str, options: Any, index: int) -> Any:
         return _prefixed(lambda: _build(PruneConfig, options, what), what)
     if kind == "lowrank":
         return _prefixed(lambda: _build(LowRankConfig, options, what), what)
+    if kind == "shrink":
+        from vitcompress.shrink import ShrinkConfig
+
+        return _prefixed(lambda: _build(ShrinkConfig, options, what), what)
     if kind == "finetune":
         return _prefixed(lambda: _build(FinetuneConfig, options, what), what)
     if kind == "quantize":
@@ -219,6 +225,13 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 def _check_order(steps: list[Step], source: str) -> None:
     for i, s in enumerate(steps):
+        if s.kind == "shrink":
+            before = [t.kind for t in steps[:i] if t.kind in ("prune", "lowrank", "quantize")]
+            if before:
+                raise VitcompressError(
+                    f"{source}: step {i + 1}: shrink changes the layers' shapes, so it must come "
+                    f"before {before[0]} (put it first)"
+                )
         if s.kind == "prune" and s.config.schedule == "cubic":
             nxt = steps[i + 1].kind if i + 1 < len(steps) else None
             if nxt != "finetune":
@@ -260,6 +273,11 @@ def check_recipe_names(recipe: Recipe, model: nn.Module) -> None:
         cfg = step.config
         if step.kind == "prune":
             select_modules(shadow, cfg.targets, cfg.ignore, (nn.Linear, nn.Conv2d), what)
+        elif step.kind == "shrink":
+            from vitcompress.models.vit import Attention, Mlp
+
+            kinds = ((Attention,) if cfg.heads > 0 else ()) + ((Mlp,) if cfg.mlp > 0 else ())
+            select_modules(shadow, cfg.targets, cfg.ignore, kinds, what)
         elif step.kind == "lowrank":
             chosen = select_modules(shadow, cfg.targets, cfg.ignore, (nn.Linear, nn.Conv2d), what)
             for name, mod in chosen:
@@ -295,6 +313,8 @@ class RecipeData:
 def needs_calibration(recipe: Recipe) -> bool:
     for s in recipe.steps:
         if s.kind == "prune" and s.config.method == "wanda":
+            return True
+        if s.kind == "shrink" and s.config.method == "activation":
             return True
         if s.kind == "quantize" and not s.config.dynamic:
             from vitcompress.quantize import _is_scaled
@@ -346,6 +366,16 @@ def apply_recipe(
             achieved = prune_(model, cfg, data.calib_loader)
             records.append({"kind": "prune", "layers": sorted(get_masks(model))})
             reports.append({"step": i + 1, "kind": "prune", "sparsity": achieved})
+        elif step.kind == "shrink":
+            from vitcompress.shrink import shrink_, shrink_structure
+
+            info = shrink_(model, cfg, data.calib_loader)
+            records.append({"kind": "shrink", "structure": shrink_structure(model)})
+            reports.append(
+                {"step": i + 1, "kind": "shrink",
+                 "blocks": {n: {"before": r["before"], "after": r["after"]}
+                            for n, r in info.items()}}
+            )  # fmt: skip
         elif step.kind == "lowrank":
             info = factorize_(model, cfg)
             records.append({"kind": "lowrank", "ranks": lowrank_ranks(model)})
@@ -436,6 +466,12 @@ def _rebuild_prune(model: nn.Module, record: dict) -> None:
     apply_masks_(model, masks)
 
 
+def _rebuild_shrink(model: nn.Module, record: dict) -> None:
+    from vitcompress.shrink import restore_shrink_
+
+    restore_shrink_(model, record["structure"])
+
+
 def _rebuild_lowrank(model: nn.Module, record: dict) -> None:
     from vitcompress.lowrank import restore_lowrank_
 
@@ -449,5 +485,10 @@ def _rebuild_quantize(model: nn.Module, record: dict) -> None:
 
 
 STRUCTURE_REBUILDERS.update(
-    {"prune": _rebuild_prune, "lowrank": _rebuild_lowrank, "quantize": _rebuild_quantize}
+    {
+        "shrink": _rebuild_shrink,
+        "prune": _rebuild_prune,
+        "lowrank": _rebuild_lowrank,
+        "quantize": _rebuild_quantize,
+    }
 )

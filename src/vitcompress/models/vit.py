@@ -81,7 +81,7 @@ class Attention(nn.Module):
         self.fused_attn = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
+        B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, D)
         if self.fused_attn:
@@ -90,7 +90,7 @@ class Attention(nn.Module):
             attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1))  # (B, H, N, N)
             attn = attn.softmax(dim=-1)
             x = self.av_matmul(attn, v)  # (B, H, N, D)
-        x = x.transpose(1, 2).reshape(B, N, C)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # < C once shrunk
         return self.proj(x)
 
 
