@@ -44,6 +44,9 @@ def test_bench_preset_reports_every_variant(tmp_path):
     blocks = model_config("vit-nano")["depth"]
     assert onnx_ops(tmp_path / "int8-qdq-mha.onnx")["MultiHeadAttention"] == blocks
     assert "MultiHeadAttention" not in onnx_ops(tmp_path / "int8-qdq.onnx")
+    # shrink: narrower dense layers, a smaller file
+    assert by["ort-shrink-fp32"]["format"] == "fp32, 50% of heads and MLP neurons removed"
+    assert by["ort-shrink-fp32"]["bytes_stored"] < by["ort-fp32"]["bytes_stored"]
 
 
 def test_bench_compressed_checkpoint_and_cli(tiny_vit_cfg, tmp_path, capsys):

@@ -20,6 +20,9 @@ Variants (names as in the results):
 - ``ort-int8-qdq``: ours, the INT8 QDQ export of the quantised model.
 - ``ort-lowrank-fp32`` / ``ort-lowrank-int8-qdq``: MLP and patch projection factorised at
   ``rank_ratio`` (study B's layers), then fp32 / INT8 QDQ.
+- ``ort-shrink-fp32`` / ``ort-shrink-int8-qdq``: ``shrink`` of each block's MLP neurons and
+  attention heads (:mod:`vitcompress.shrink`, magnitude, one shot): structured sparsity that
+  makes the dense layers narrower, then fp32 / INT8 QDQ.
 - ``torch-sparse-csr-<s>`` / ``ort-sparse-<s>``: encoder Linears pruned to ``s`` unstructured,
   run through :mod:`vitcompress.sparse_exec` (CSR) in torch, and dense in onnxruntime (which has
   no sparse kernel: same speed as fp32, listed to show it).
@@ -79,6 +82,9 @@ DEFAULT_VARIANTS = (
     "ort-lowrank-fp32",
     "ort-lowrank-int8-qdq",
     "ort-lowrank-int8-qdq-mha",
+    "ort-shrink-fp32",
+    "ort-shrink-int8-qdq",
+    "ort-shrink-int8-qdq-mha",
     "torch-sparse-csr-0.9375",
     "torch-sparse-csr-0.96875",
     "ort-sparse-0.9375",
@@ -160,6 +166,14 @@ def _lowrank_copy(model: nn.Module, ratio: float) -> nn.Module:
     return m
 
 
+def _shrunk_copy(model: nn.Module, fraction: float) -> nn.Module:
+    from vitcompress.shrink import ShrinkConfig, shrink_
+
+    m = copy.deepcopy(model)
+    shrink_(m, ShrinkConfig(mlp=fraction, heads=fraction))
+    return m
+
+
 def _pruned_copy(model: nn.Module, sparsity: float) -> nn.Module:
     from vitcompress.sparsity import PruneConfig, prune_
 
@@ -178,6 +192,7 @@ def build_variants(
     config: dict | None = None,
     rank_ratio: float = 0.25,
     compare: Iterable[tuple[str, nn.Module, dict]] = (),
+    shrink: float = 0.5,
 ) -> list[Variant]:
     """The requested variants of ``model`` (module docstring), with their artifacts in
     ``work_dir``; then one ``ort-<label>`` variant per ``(label, model, config)`` of
@@ -261,6 +276,15 @@ def build_variants(
             else:
                 lq = cache.setdefault("lrq", _quantized_copy(lr, calib))
                 p, fmt = onnx("lowrank-int8-qdq", lq), f"int8 QDQ low-rank {rank_ratio}"
+            v = Variant(name, "onnxruntime", fmt, _ort_runner(p, threads), p.stat().st_size)
+        elif name in ("ort-shrink-fp32", "ort-shrink-int8-qdq"):
+            sh = cache.setdefault("sh", _shrunk_copy(model, shrink))
+            what = f"{shrink:.0%} of heads and MLP neurons removed"
+            if name.endswith("fp32"):
+                p, fmt = onnx("shrink-fp32", sh), f"fp32, {what}"
+            else:
+                sq = cache.setdefault("shq", _quantized_copy(sh, calib))
+                p, fmt = onnx("shrink-int8-qdq", sq), f"int8 QDQ, {what}"
             v = Variant(name, "onnxruntime", fmt, _ort_runner(p, threads), p.stat().st_size)
         elif name.startswith(("torch-sparse-csr-", "ort-sparse-")):
             s = float(name.rsplit("-", 1)[1])
