@@ -82,6 +82,23 @@ def rows(ft_steps: int) -> list[tuple[str, list[dict]]]:
          [{"prune": {"sparsity": 0.5, "schedule": "cubic"}}, ft2, smallest]),
         ("SVD rank ratio 0.5 (MLP) + 2-epoch fine-tune + int8 (int8 rest)",
          [{"lowrank": {"rank_ratio": 0.5, "layers": "blocks.*.mlp.*"}}, ft2, smallest]),
+        # structured: whole MLP neurons and heads removed, the layers get narrower
+        ("shrink MLP 50% one-shot (magnitude)", [{"shrink": {"mlp": 0.5}}]),
+        ("shrink MLP 50% one-shot (activation, mean folded into bias)",
+         [{"shrink": {"mlp": 0.5, "method": "activation"}}]),
+        ("shrink MLP 50% + heads 50% one-shot (activation)",
+         [{"shrink": {"mlp": 0.5, "heads": 0.5, "method": "activation"}}]),
+        ("shrink MLP 50% (activation) + 2-epoch fine-tune + int8 (int8 rest)",
+         [{"shrink": {"mlp": 0.5, "method": "activation"}}, ft2, smallest]),
+        ("shrink MLP 50% (magnitude) + 2-epoch fine-tune + int8 (int8 rest)",
+         [{"shrink": {"mlp": 0.5}}, ft2, smallest]),
+        ("shrink MLP 75% one-shot (magnitude)", [{"shrink": {"mlp": 0.75}}]),
+        ("shrink MLP 75% one-shot (activation)",
+         [{"shrink": {"mlp": 0.75, "method": "activation"}}]),
+        ("shrink MLP 75% (activation) + 2-epoch fine-tune + int8 (int8 rest)",
+         [{"shrink": {"mlp": 0.75, "method": "activation"}}, ft2, smallest]),
+        ("shrink MLP 50% + heads 50% (activation) + 2-epoch fine-tune + int8 (int8 rest)",
+         [{"shrink": {"mlp": 0.5, "heads": 0.5, "method": "activation"}}, ft2, smallest]),
     ]  # fmt: skip
     for r in (0.5, 0.25, 0.125):
         out.append((f"SVD rank ratio {r}", [{"lowrank": {"rank_ratio": r}}]))

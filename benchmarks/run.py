@@ -145,6 +145,9 @@ def compare_lines(rows: list[dict], batch: int) -> list[str]:
 
 
 SHOWN = (
+    "mlp",
+    "heads",
+    "method",
     "pattern",
     "sparsity",
     "schedule",
@@ -170,6 +173,8 @@ def _short_step(step: dict) -> str:
     for k in SHOWN:
         v = (opts or {}).get(k)
         if v is None or (k == "sparsity" and opts.get("pattern", "unstructured") != "unstructured"):
+            continue
+        if k in ("mlp", "heads") and not v:  # shrink: a part it leaves whole
             continue
         if isinstance(v, dict):  # distill: {teacher: self, kind: soft, ...}
             v = f"{v.get('kind', '')} from {v.get('teacher', '?')}"
@@ -237,22 +242,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds-b1", type=int, default=12)
     p.add_argument("--rounds-b32", type=int, default=3)
+    p.add_argument("--passes", type=int, default=3, help="passes over the variants")
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument(
         "--append", action="store_true",
         help="keep the models already in results.json (each section says the machine it ran on "
         "when that is not this one); re-measured ones are replaced",
     )  # fmt: skip
+    p.add_argument(
+        "--render-only", action="store_true",
+        help="rewrite RESULTS.md from results.json (after editing this script's text)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.render_only:
+        results = json.loads((args.out / "results.json").read_text())
+        (args.out / "RESULTS.md").write_text(render(results))
+        return 0
 
     results: dict = {"machine": machine(), "versions": versions(), "models": {}}
     old = args.out / "results.json"
     if args.append and old.is_file():
         results["models"] = json.loads(old.read_text()).get("models", {})
-        for key in ("ort_ops_int8_qdq", "ort_ops_int8_qdq_mha"):
-            results[key] = json.loads(old.read_text()).get(key)
-    qdq_ops = {k: results.get(f"ort_ops_{k.replace('-', '_')}") for k in ("int8-qdq",
-               "int8-qdq-mha")}  # fmt: skip
     jobs = [("preset", m) for m in args.models] + [("run", r) for r in args.run]
     for kind, name in jobs:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
@@ -266,31 +276,35 @@ def main(argv: list[str] | None = None) -> int:
                     threads=args.threads,
                     rounds_b1=args.rounds_b1,
                     rounds_b32=args.rounds_b32,
+                    passes=args.passes,
                     work_dir=wd,
                 )
             else:
                 calib, test_loader = run_loaders(Path(name), calib_batches=8)
                 rows = bench(checkpoint=name, threads=args.threads, rounds_b1=args.rounds_b1,
                              rounds_b32=args.rounds_b32, calib=calib, work_dir=wd,
+                             passes=args.passes,
                              eval_loader=test_loader, compare=args.compare)  # fmt: skip
-            for key in qdq_ops:  # the first model's graphs (vit-tiny)
-                if qdq_ops[key] is None and (Path(wd) / f"{key}.onnx").is_file():
-                    qdq_ops[key] = onnx_ops(Path(wd) / f"{key}.onnx")
+            graphs = {  # what onnxruntime runs for our INT8 exports of this model
+                key: onnx_ops(Path(wd) / f"{key}.onnx")
+                for key in ("int8-qdq", "int8-qdq-mha")
+                if (Path(wd) / f"{key}.onnx").is_file()
+            }
         results["models"][name] = {
             "rows": rows,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "wall_s": time.time() - t0,
             "threads": args.threads,
             "rounds": {"b1": args.rounds_b1, "b32": args.rounds_b32},
+            "passes": args.passes,
             "load_avg_start": load_start,
             "load_avg_end": os.getloadavg(),
             "machine": results["machine"],
+            "ort_ops": graphs,
         }
         if kind == "run":
             results["models"][name]["about"] = describe_run(Path(name), args.compare)
         print(table(rows, 32), file=sys.stderr, flush=True)
-        for key, ops in qdq_ops.items():
-            results[f"ort_ops_{key.replace('-', '_')}"] = ops
         write(results, args.out)  # after every model: a long run keeps what it measured
     return 0
 
@@ -317,7 +331,8 @@ def render(res: dict) -> str:
         "- Threads pinned per table (torch.set_num_threads, onnxruntime intra_op_num_threads); "
         "each runtime with its default thread behaviour (torch's OpenMP threads and "
         "onnxruntime's pool spin after a call, which is what makes them fast at batch 1). "
-        "Variants run in blocks of back-to-back calls, three passes over the variants, with a "
+        "Variants run in blocks of back-to-back calls, in passes over the variants (each "
+        "section says how many), with a "
         "warm-up call and a 0.2 s pause before each block, so that no runtime's spinning "
         "threads steal the cores of the next (`vitcompress.bench.time_rounds`). An earlier "
         "version of this file timed torch under `OMP_WAIT_POLICY=PASSIVE`, which made torch "
@@ -347,8 +362,8 @@ def render(res: dict) -> str:
                     f"{', '.join(here.get('int8_isa', [])) or '?'}.", ""]  # fmt: skip
         out += [
             f"{entry['date']}, {entry['threads']} threads, {entry['rounds']['b1']} timed calls "
-            f"per variant at batch 1 and {entry['rounds']['b32']} at batch 32, "
-            f"{entry['wall_s'] / 60:.0f} min; "
+            f"per variant at batch 1 and {entry['rounds']['b32']} at batch 32 in "
+            f"{entry.get('passes', 3)} passes, {entry['wall_s'] / 60:.0f} min; "
             f"load average {ls[0]:.1f} at the start, {le[0]:.1f} at the end.",
             "",
             table(rows, 32),
@@ -366,29 +381,30 @@ def render(res: dict) -> str:
         if notes:
             out += ["CSR conversion (layers measured on their real input, converted if > 1.1x): "
                     + "; ".join(notes) + ".", ""]  # fmt: skip
-    if res.get("ort_ops_int8_qdq"):
-        ops = res["ort_ops_int8_qdq"]
-        top = ", ".join(f"{k} {n}" for k, n in list(ops.items())[:12])
+    # the graphs of the first model measured with both exports (vit-tiny in `make bench`)
+    name, graphs = next(((n, e["ort_ops"]) for n, e in res["models"].items()
+                         if len(e.get("ort_ops") or {}) == 2), (None, None))  # fmt: skip
+    if graphs:
+        plain, fused = graphs["int8-qdq"], graphs["int8-qdq-mha"]
+
+        def top(ops: dict) -> str:
+            return ", ".join(f"{k} {n}" for k, n in list(ops.items())[:12])
+
         out += [
             "## What onnxruntime ran for our INT8 QDQ model",
             "",
-            f"Node counts after onnxruntime's graph optimisations (vit-tiny): {top}. Each int8 "
-            "Linear became one `MatMulIntegerToFloat` (integer GEMM, int32 accumulation, "
-            "rescale to fp32) fed by one `QuantizeLinear` (uint8 codes) and one `Max` (the "
-            "clip to -127 that keeps the ONNX model equal to torch's symmetric int8); the "
-            "attention products (`MatMul`), LayerNorm, softmax and GELU stay fp32.",
+            f"Node counts after onnxruntime's graph optimisations ({name}): "
+            f"{sum(plain.values())} nodes, {top(plain)}. Each int8 Linear became one "
+            "`MatMulIntegerToFloat` (integer GEMM, int32 accumulation, rescale to fp32) fed by "
+            "one `QuantizeLinear` (uint8 codes; symmetric activations also get a `Max`, the "
+            "clip to -127 that keeps the ONNX model equal to torch); the attention products "
+            "(`MatMul`), LayerNorm, softmax and GELU stay fp32.",
             "",
-        ]
-    if res.get("ort_ops_int8_qdq_mha"):
-        ops = res["ort_ops_int8_qdq_mha"]
-        top = ", ".join(f"{k} {n}" for k, n in list(ops.items())[:12])
-        out += [
-            f"With fused attention (`ort-int8-qdq-mha`), {sum(ops.values())} nodes instead of "
-            f"{sum((res.get('ort_ops_int8_qdq') or {}).values()) or '?'}: {top}. Per block, "
-            "the qkv output is split in three with constant sizes and one `MultiHeadAttention` "
-            "does the head split, both attention products, the softmax and the head merge; "
-            "the `Shape`/`Gather`/`Unsqueeze`/`Squeeze`/`Transpose`/`Reshape` nodes that "
-            "rearranged heads for a dynamic batch are gone.",
+            f"With fused attention (`ort-int8-qdq-mha`), {sum(fused.values())} nodes: "
+            f"{top(fused)}. Per block, the qkv output is split in three with constant sizes "
+            "and one `MultiHeadAttention` does the head split, both attention products, the "
+            "softmax and the head merge; the `Shape`/`Gather`/`Unsqueeze`/`Squeeze`/"
+            "`Transpose`/`Reshape` nodes that rearranged heads for a dynamic batch are gone.",
             "",
         ]
     out += [
@@ -406,8 +422,8 @@ def render(res: dict) -> str:
         "below the exact integer result; 7-bit weights make both exact "
         "(`INT8_EXACTNESS.md`). `torch._int_mm` is exact but ~10x slower there.",
         "- How fast INT8 can be on this CPU: `ORT_PROFILE.md` splits a batch-1 vit-tiny pass "
-        "by operator. Without VNNI the integer GEMMs run ~1.5x faster than onnxruntime's fp32 "
-        "ones (about 3.5x with VNNI), and the part INT8 does not touch (attention products, "
+        "by operator. Without VNNI the integer GEMMs run ~1.5-1.75x faster than onnxruntime's "
+        "fp32 ones (about 3.5x with VNNI), and the part INT8 does not touch (attention products, "
         "LayerNorm, GELU, softmax, layout ops) is over half of the INT8 model's time.",
         "- `*-mha` variants are the same ONNX models with each attention block as onnxruntime's "
         "`com.microsoft.MultiHeadAttention` contrib kernel (`vitcompress export "
@@ -415,6 +431,10 @@ def render(res: dict) -> str:
         "plain export's to float rounding. onnxruntime only: other ONNX consumers (FPGA tool "
         "flows) need the plain export, and onnxruntime does not fuse a ViT's attention by "
         "itself (its transformer optimizer finds no BERT pattern in it).",
+        "- `ort-shrink-*`: half of every block's attention heads and MLP neurons removed "
+        "(`shrink`, magnitude, one shot, random weights here: speed and size only). The "
+        "layers really are narrower, so the dense runtime runs them faster; on a trained "
+        "model, fine-tuning recovers the accuracy (the compared `shrink-*` runs).",
         "- Low rank: MLP and patch projection factorised at rank ratio 0.25, one shot, random "
         "weights (speed and size only; accuracy needs a fine-tuned run).",
         "- Unstructured sparsity runs dense in onnxruntime (`ort-sparse-*`: no sparse kernel, "

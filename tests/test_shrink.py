@@ -8,6 +8,7 @@ import torch
 
 from vitcompress.errors import VitcompressError
 from vitcompress.export import export_onnx, read_metadata
+from vitcompress.measure import compression_fields
 from vitcompress.models import build_model, model_config
 from vitcompress.models.checkpoints import load_run, save_run
 from vitcompress.pack import load_packed, save_packed
@@ -155,6 +156,9 @@ def test_shrunk_run_reloads_packs_and_exports(tmp_path):
     assert reports[0]["blocks"]["blocks.0.mlp"] == {"before": 64, "after": 32}
     assert reports[0]["blocks"]["blocks.0.attn"] == {"before": 4, "after": 3}
     model.eval()
+    fields = compression_fields(model, _model(), recipe, {"model": CFG, "compression": records})
+    assert fields["pattern"] == "structured" and fields["sparsity"] == 0.0
+    assert fields["params_total"] < 0.75 * fields["bytes_fp32"] / 4  # parameters really gone
     save_run(tmp_path / "run", model, {"model": CFG, "compression": records})
     loaded, _ = load_run(tmp_path / "run")
     with torch.no_grad():

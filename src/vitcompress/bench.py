@@ -410,6 +410,7 @@ def bench(
     eval_loader: Iterable | None = None,
     compare: Iterable[str | Path] = (),
     pause: float = 0.2,
+    passes: int = 3,
 ) -> list[dict]:
     """Benchmark the deployment variants of a run directory or a preset (module docstring).
 
@@ -427,6 +428,9 @@ def bench(
         compare: compressed run directories of the same model, timed (and evaluated) as
             ``ort-<directory name>`` next to the variants.
         pause: seconds between blocks of calls (:func:`time_rounds`).
+        passes: passes over the variants (:func:`time_rounds`); more passes spread each
+            variant's calls over the whole run, so a burst of load on a shared machine hits
+            all variants alike (useful for sub-millisecond models).
 
     Returns:
         One dict per variant: ``variant``, ``runtime``, ``format``, ``latency_ms_b1`` (median),
@@ -442,6 +446,8 @@ def bench(
         raise VitcompressError("bench: give a checkpoint (run directory) or a model preset")
     if not isinstance(threads, int) or threads < 1:
         raise VitcompressError(f"bench: threads must be an integer >= 1, got {threads!r}")
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise VitcompressError(f"bench: passes must be an integer >= 1, got {passes!r}")
     if checkpoint is not None:
         from vitcompress.models.checkpoints import load_run
 
@@ -462,13 +468,15 @@ def bench(
     _pin_threads(threads)
     try:
         return _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_dir,
-                      rounds_b1, rounds_b32, batch, warmup, eval_loader, others, pause)  # fmt: skip
+                      rounds_b1, rounds_b32, batch, warmup, eval_loader, others, pause,
+                      passes)  # fmt: skip
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_dir, rounds_b1,
-           rounds_b32, batch, warmup, eval_loader, others, pause) -> list[dict]:  # fmt: skip
+           rounds_b32, batch, warmup, eval_loader, others, pause, passes
+           ) -> list[dict]:  # fmt: skip
     if calib is None:
         g = torch.Generator().manual_seed(0)
         calib = [torch.randn((8, *shape), generator=g) for _ in range(4)]
@@ -477,8 +485,8 @@ def _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_di
         wd.mkdir(parents=True, exist_ok=True)
         vs = build_variants(net.eval(), shape, names, wd, threads, calib, config, rank_ratio,
                             others)  # fmt: skip
-        t1 = time_rounds(vs, _input(1, shape), rounds_b1, warmup, pause=pause)
-        tb = time_rounds(vs, _input(batch, shape), rounds_b32, min(warmup, 1), pause=pause)
+        t1 = time_rounds(vs, _input(1, shape), rounds_b1, warmup, passes, pause)
+        tb = time_rounds(vs, _input(batch, shape), rounds_b32, min(warmup, 1), passes, pause)
         top1 = evaluate_variants(vs, eval_loader) if eval_loader is not None else {}
     rows = []
     for v in vs:

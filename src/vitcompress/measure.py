@@ -108,6 +108,8 @@ def compression_fields(model: nn.Module, dense: nn.Module, recipe, config: dict)
             target = c.target_sparsity
         elif step.kind == "lowrank":
             ratio = c.rank_ratio
+        elif step.kind == "shrink":  # heads / neurons removed: fewer parameters, no zeros
+            pattern = "structured"
     pruned = sorted(
         {n for r in config.get("compression", []) if r["kind"] == "prune" for n in r["layers"]}
     )
