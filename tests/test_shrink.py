@@ -126,6 +126,8 @@ def test_bad_config_is_one_line(kwargs, match):
 def test_refusals():
     with pytest.raises(VitcompressError, match="needs calibration data"):
         shrink_(_model(), ShrinkConfig(mlp=0.5, method="activation"))
+    with pytest.raises(VitcompressError, match="calibration data never reached"):
+        shrink_(_model(), ShrinkConfig(mlp=0.5, method="activation"), [])  # empty data
     with pytest.raises(VitcompressError, match="matches no"):
         shrink_(_model(), ShrinkConfig(mlp=0.5, targets="encoder.*"))
     q = _model()

@@ -221,6 +221,19 @@ def build_variants(
         fmt = read_metadata(p).get("vitcompress.format", "?") + suffix
         return Variant(name, "onnxruntime", fmt, _ort_runner(p, threads), p.stat().st_size)
 
+    def restructured(name: str, key: str, make: Callable[[], nn.Module], what: str) -> Variant:
+        """A one-shot restructured copy (made once), as fp32 or INT8 QDQ per ``name``."""
+        if key not in cache:
+            cache[key] = make()
+        m = cache[key]
+        if name.endswith("fp32"):
+            p, fmt = onnx(f"{key}-fp32", m), f"fp32, {what}"
+        else:
+            if key + "-q" not in cache:
+                cache[key + "-q"] = _quantized_copy(m, calib)
+            p, fmt = onnx(f"{key}-int8-qdq", cache[key + "-q"]), f"int8 QDQ, {what}"
+        return Variant(name, "onnxruntime", fmt, _ort_runner(p, threads), p.stat().st_size)
+
     def quantized() -> nn.Module:
         if "q" not in cache:
             cache["q"] = _quantized_copy(model, calib)
@@ -270,22 +283,11 @@ def build_variants(
             v = Variant(name, "onnxruntime", "int8 QDQ (ours)", _ort_runner(p, threads),
                         p.stat().st_size)  # fmt: skip
         elif name in ("ort-lowrank-fp32", "ort-lowrank-int8-qdq"):
-            lr = cache.setdefault("lr", _lowrank_copy(model, rank_ratio))
-            if name.endswith("fp32"):
-                p, fmt = onnx("lowrank-fp32", lr), f"fp32 low-rank {rank_ratio}"
-            else:
-                lq = cache.setdefault("lrq", _quantized_copy(lr, calib))
-                p, fmt = onnx("lowrank-int8-qdq", lq), f"int8 QDQ low-rank {rank_ratio}"
-            v = Variant(name, "onnxruntime", fmt, _ort_runner(p, threads), p.stat().st_size)
+            v = restructured(name, "lowrank", lambda: _lowrank_copy(model, rank_ratio),
+                             f"low-rank {rank_ratio}")  # fmt: skip
         elif name in ("ort-shrink-fp32", "ort-shrink-int8-qdq"):
-            sh = cache.setdefault("sh", _shrunk_copy(model, shrink))
-            what = f"{shrink:.0%} of heads and MLP neurons removed"
-            if name.endswith("fp32"):
-                p, fmt = onnx("shrink-fp32", sh), f"fp32, {what}"
-            else:
-                sq = cache.setdefault("shq", _quantized_copy(sh, calib))
-                p, fmt = onnx("shrink-int8-qdq", sq), f"int8 QDQ, {what}"
-            v = Variant(name, "onnxruntime", fmt, _ort_runner(p, threads), p.stat().st_size)
+            v = restructured(name, "shrink", lambda: _shrunk_copy(model, shrink),
+                             f"{shrink:.0%} of heads and MLP neurons removed")  # fmt: skip
         elif name.startswith(("torch-sparse-csr-", "ort-sparse-")):
             s = float(name.rsplit("-", 1)[1])
             pruned = cache.setdefault(f"p{s}", _pruned_copy(model, s))

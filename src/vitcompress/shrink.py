@@ -28,7 +28,6 @@ Linears (prune masks, low rank, quantisation).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from torch import nn
 
 from vitcompress.errors import VitcompressError
 from vitcompress.models.vit import Attention, Mlp
-from vitcompress.sparsity import MASK, _batches
+from vitcompress.sparsity import MASK, observe_inputs
 from vitcompress.targets import Patterns, select_modules
 
 METHODS = ("magnitude", "activation")
@@ -137,31 +136,12 @@ def _input_moments(
     ``max_batches`` calibration batches (float64)."""
     acc: dict[str, list] = {}
 
-    def hook(name: str):
-        def fn(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            n, s, sq = acc.setdefault(name, [0, 0.0, 0.0])
-            acc[name] = [n + x.shape[0], s + x.sum(0), sq + (x * x).sum(0)]
+    def observe(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()  # (tokens, channels)
+        n, s, sq = acc.get(name, [0, 0.0, 0.0])
+        acc[name] = [n + x.shape[0], s + x.sum(0), sq + (x * x).sum(0)]
 
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    was_training = model.training
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x in itertools.islice(_batches(calib), max_batches):
-                model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    missing = [n for n in layers if n not in acc]
-    if missing:
-        raise VitcompressError(
-            f"shrink: calibration data never reached {missing[0]!r} (empty data?)"
-        )
+    observe_inputs(model, layers, calib, observe, max_batches)
     out = {}
     for name, (n, s, sq) in acc.items():
         mean = s / n

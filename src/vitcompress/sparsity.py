@@ -23,9 +23,10 @@ pruning or a custom optimizer can still move them; enforcing after the step is t
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -530,6 +531,47 @@ def _batches(calib_data: Iterable) -> Iterable[torch.Tensor]:
         yield batch
 
 
+def observe_inputs(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    calib_data: Iterable,
+    observe: Callable[[str, nn.Module, torch.Tensor], None],
+    max_batches: int | None = None,
+) -> None:
+    """Run ``model`` (eval mode, no gradients) over at most ``max_batches`` calibration batches
+    and call ``observe(name, module, input)`` with the input of each of ``layers``.
+
+    Raises:
+        VitcompressError: a layer the data never reached (empty data, or an unused layer).
+    """
+    seen: set[str] = set()
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            seen.add(name)
+            observe(name, module, inputs[0].detach())
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x in itertools.islice(_batches(calib_data), max_batches):
+                model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in layers if n not in seen]
+    if missing:
+        raise VitcompressError(
+            f"calibration data never reached layer {missing[0]!r} (empty data, or an unused layer)"
+        )
+
+
 def activation_norms(
     model: nn.Module, layers: Mapping[str, nn.Module], calib_data: Iterable
 ) -> dict[str, torch.Tensor]:
@@ -541,40 +583,20 @@ def activation_norms(
     """
     sums: dict[str, torch.Tensor] = {}
 
-    def make_hook(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            x = inputs[0].detach()
-            if isinstance(module, nn.Conv2d):
-                if module.groups != 1 or isinstance(module.padding, str):
-                    raise VitcompressError(
-                        f"{name}: wanda supports Conv2d with groups=1 and numeric padding only"
-                    )
-                x = F.unfold(
-                    x, module.kernel_size, module.dilation, module.padding, module.stride
-                ).transpose(1, 2)  # (B, L, C*kh*kw)
-            x = x.reshape(-1, x.shape[-1]).double()  # (tokens, in)
-            sq = (x * x).sum(0)  # (in,)
-            sums[name] = sq if name not in sums else sums[name] + sq
+    def observe(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1 or isinstance(module.padding, str):
+                raise VitcompressError(
+                    f"{name}: wanda supports Conv2d with groups=1 and numeric padding only"
+                )
+            x = F.unfold(
+                x, module.kernel_size, module.dilation, module.padding, module.stride
+            ).transpose(1, 2)  # (B, L, C*kh*kw)
+        x = x.reshape(-1, x.shape[-1]).double()  # (tokens, in)
+        sq = (x * x).sum(0)  # (in,)
+        sums[name] = sq if name not in sums else sums[name] + sq
 
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
-    was_training = model.training
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x in _batches(calib_data):
-                model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    missing = [n for n in layers if n not in sums]
-    if missing:
-        raise VitcompressError(
-            f"calibration data never reached layer {missing[0]!r} (empty data, or an unused layer)"
-        )
+    observe_inputs(model, layers, calib_data, observe)
     return {n: s.sqrt() for n, s in sums.items()}
 
 
