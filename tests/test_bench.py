@@ -101,6 +101,27 @@ def test_bench_compares_compressed_runs_of_the_same_model(tiny_vit_cfg, tmp_path
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed[-1]["variant"] == "ort-int8-run-mha"
+    # --variants picks what to time; a name it does not know is one line
+    code = main(
+        [
+            "bench",
+            "--checkpoint",
+            str(tmp_path / "dense"),
+            "--variants",
+            "torch-fp32, ort-int8-qdq-mha",
+            "--threads",
+            "1",
+            "--passes",
+            "1",
+            "--json",
+        ]
+    )
+    assert code == 0  # fmt: skip
+    assert [r["variant"] for r in json.loads(capsys.readouterr().out)] == [
+        "torch-fp32", "ort-int8-qdq-mha"]  # fmt: skip
+    assert main(["bench", "--checkpoint", str(tmp_path / "dense"), "--variants", "ort-gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown bench variant 'ort-gpu'" in err
     # a run of another input size is refused before any timing
     cfg32 = model_config("vit-nano", img_size=32, patch_size=4, in_chans=1, num_classes=4)
     save_run(tmp_path / "other", build_model(cfg32), {"model": cfg32})

@@ -588,10 +588,12 @@ def bench_cli(
     threads: int,
     json_out: bool,
     compare: Iterable[Path] = (),
+    variants: Iterable[str] | None = None,
+    passes: int = 3,
 ) -> list[dict]:
     """``vitcompress bench``: run :func:`bench` and print a table (or JSON); returns the rows."""
     rows = bench(checkpoint=checkpoint, model=model, img_size=img_size, threads=threads,
-                 compare=compare)  # fmt: skip
+                 compare=compare, variants=variants, passes=passes)  # fmt: skip
     print(json.dumps(rows, indent=2) if json_out else format_table(rows))
     return rows
 

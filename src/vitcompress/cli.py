@@ -165,6 +165,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.threads or os.cpu_count() or 1,
         args.json,
         [Path(c) for c in args.compare],
+        [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None,
+        args.passes,
     )
     return 0
 
@@ -305,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a compressed run of the same model (compress output) to time on onnxruntime "
         "against its torch fp32 baseline; repeatable",
     )  # fmt: skip
+    p.add_argument(
+        "--variants", metavar="A,B,...",
+        help="comma-separated variants (default: all; e.g. torch-fp32,ort-int8-qdq-mha; any "
+        "onnxruntime variant takes -mha for fused attention)",
+    )  # fmt: skip
+    p.add_argument("--passes", type=int, default=3,
+                   help="passes over the variants (more: fairer on a busy machine)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sweep", help="run a whole study (grid of recipes) into SQLite, resumably")
