@@ -5,7 +5,15 @@ import struct
 
 import pytest
 
-from vitcompress.report import best_per_band, build_report, describe, format_best, pareto_front
+from vitcompress.report import (
+    _kind,
+    best_per_band,
+    build_report,
+    describe,
+    format_best,
+    pareto_front,
+    study_b_rows,
+)
 from vitcompress.sweep import DB_NAME, band_order, connect, size_band, upsert
 
 SPARSITIES = (0.5, 0.75, 0.875, 0.9375, 0.96875)
@@ -22,6 +30,8 @@ def _row(i: int, model: str, name: str, steps: list, top1: float, nbytes: int, *
             target = c.get("sparsity", 0.5)
         elif kind == "lowrank":
             ratio = c["rank_ratio"]
+        elif kind == "shrink":
+            pattern = "structured"
     params = 139_018 if ratio is None else int(139_018 * (0.4 + ratio))
     return {
         "id": f"{model}-{name}-{i:08x}",
@@ -87,6 +97,13 @@ def _rows() -> list[dict]:
         q = {"weights": "int8", "activations": "int8", "dynamic": True}
         rows.append(_row(i, model, "dynamic-int8", [{"quantize": q}], base - 0.001, 150_000))
         i += 1
+        # structured pruning: one shot in fp32 (lower), and fine-tuned in int8
+        rows.append(_row(i, model, "shrink-mlp50", [{"shrink": {"mlp": 0.5}}], base - 0.2,
+                         420_000))  # fmt: skip
+        steps = [{"shrink": {"mlp": 0.5, "heads": 0.25}}, {"finetune": {"max_steps": 100}},
+                 {"quantize": {"weights": "int8", "activations": "int8"}}]  # fmt: skip
+        rows.append(_row(i + 1, model, "shrink-ft-int8", steps, base - 0.004, 110_000))
+        i += 2
     rows.append({"id": "vit-nano-broken-00000000", "study": "synthetic", "model": "vit-nano",
                  "recipe": "broken", "status": "failed",
                  "error": "step 1 (prune): 'blocks.9.*' matches no layer <script>"})  # fmt: skip
@@ -138,11 +155,22 @@ def test_html_is_self_contained_and_lists_every_run(report):
 def test_describe_reads_the_recipe_not_the_name():
     rows = {r["recipe"]: r for r in _rows() if r["status"] == "ok"}
     assert describe(rows["cubic93.75-int8"]) == {
-        "format": "int8", "sparsity": "93.75", "lowrank": None, "finetuned": True,
+        "format": "int8", "sparsity": "93.75", "lowrank": None, "shrink": None, "finetuned": True,
     }  # fmt: skip
+    assert describe(rows["shrink-ft-int8"])["shrink"] == "mlp 50%, heads 25%"
     assert describe(rows["2of4-fp32"])["sparsity"] == "2:4"
     assert describe(rows["dynamic-int8"])["format"] == "int8-dyn"
     assert describe(rows["svd25"])["lowrank"] == 0.25
+
+
+def test_shrunk_runs_stay_out_of_the_like_for_like_plots():
+    """A shrunk model is neither 'dense fp32' in the formats plot nor study B's baseline: with
+    the same format as the dense run it would otherwise overwrite its point."""
+    rows = [r for r in _rows() if r["status"] == "ok"]
+    shrunk = {r["id"] for r in rows if r["recipe"].startswith("shrink")}
+    assert len(shrunk) == 4
+    assert not shrunk & {r["id"] for r in study_b_rows(rows)}
+    assert {_kind(r) for r in rows if r["id"] in shrunk} == {"shrink"}
 
 
 def test_pareto_front_and_best_per_band():

@@ -50,8 +50,10 @@ PLOTS = (
 
 def describe(row: dict) -> dict:
     """What a run's recipe did: ``format`` (int8-dyn for dynamic), ``sparsity`` (``dense``, a
-    target in percent like ``"87.5"``, or ``"2:4"``), ``lowrank`` (rank ratio or None), and
-    whether it was fine-tuned."""
+    target in percent like ``"87.5"``, or ``"2:4"``), ``lowrank`` (rank ratio or None),
+    ``shrink`` (``"mlp 50%"``-style text for structured pruning, or None), and whether it was
+    fine-tuned. Restructured runs (low rank, shrink) stay out of the format and sparsity
+    plots, which compare like with like."""
     steps = ((row.get("config") or {}).get("recipe") or {}).get("steps") or []
     kinds = {next(iter(s)) for s in steps if isinstance(s, dict) and s}
     fmt = row.get("format") or "fp32"
@@ -67,12 +69,22 @@ def describe(row: dict) -> dict:
         sp = f"{target * 100:g}"
     else:
         sp = DENSE
+    shrink = next((s["shrink"] for s in steps if isinstance(s, dict) and "shrink" in s), None)
+    if isinstance(shrink, dict):
+        parts = [f"{k} {shrink[k] * 100:g}%" for k in ("mlp", "heads") if shrink.get(k)]
+        shrink = ", ".join(parts) or "shrink"
     return {
         "format": fmt,
         "sparsity": sp,
         "lowrank": row.get("rank_ratio") if "lowrank" in kinds else None,
+        "shrink": shrink,
         "finetuned": "finetune" in kinds,
     }
+
+
+def _plain_structure(d: dict) -> bool:
+    """Neither factorised nor shrunk: the layers have their original shapes."""
+    return d["lowrank"] is None and d["shrink"] is None
 
 
 def _model_key(row: dict) -> tuple:
@@ -137,7 +149,7 @@ def _ylim(ax, values: list[float], pad: float = 2.0) -> None:
 
 
 def plot_formats(rows: list[dict], path: Path) -> bool:
-    dense = [r for r in rows if (d := describe(r))["sparsity"] == DENSE and d["lowrank"] is None]
+    dense = [r for r in rows if (d := describe(r))["sparsity"] == DENSE and _plain_structure(d)]
     if not dense:
         return False
     plt = _plt()
@@ -176,7 +188,7 @@ def plot_formats(rows: list[dict], path: Path) -> bool:
 
 def plot_sparsity(rows: list[dict], path: Path) -> bool:
     """Top-1 against sparsity target at fp32 weights (the best format if a model has no fp32)."""
-    pts = [r for r in rows if describe(r)["lowrank"] is None and describe(r)["format"] == "fp32"]
+    pts = [r for r in rows if _plain_structure(describe(r)) and describe(r)["format"] == "fp32"]
     if not any(describe(r)["sparsity"] != DENSE for r in pts):
         return False
     plt = _plt()
@@ -217,7 +229,7 @@ def plot_sparsity(rows: list[dict], path: Path) -> bool:
 
 
 def plot_combinations(rows: list[dict], path: Path) -> bool:
-    pts = [r for r in rows if describe(r)["lowrank"] is None]
+    pts = [r for r in rows if _plain_structure(describe(r))]
     if not pts:
         return False
     plt = _plt()
@@ -266,7 +278,7 @@ def study_b_rows(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         d = describe(r)
-        plain = d["sparsity"] == DENSE and not d["finetuned"]
+        plain = d["sparsity"] == DENSE and not d["finetuned"] and d["shrink"] is None
         if plain and (d["lowrank"] is not None or d["format"] in ("fp32", "int8-dyn")):
             out.append(r)
     return sorted(out, key=lambda r: (_model_key(r), describe(r)["lowrank"] is not None,
@@ -338,7 +350,7 @@ def plot_pareto(rows: list[dict], path: Path, cost: str) -> bool:
     plt = _plt()
     models = _models(pts)
     cmap = plt.get_cmap("tab10")
-    markers = {"dense": "o", "sparse": "^", "2:4": "s", "lowrank": "D"}
+    markers = {"dense": "o", "sparse": "^", "2:4": "s", "lowrank": "D", "shrink": "v"}
     fig, ax = plt.subplots(figsize=(10.5, 5.4))
     scale = 1024 if cost == "bytes_stored" else 1.0
     for i, m in enumerate(models):
@@ -388,6 +400,8 @@ def _kind(r: dict) -> str:
     d = describe(r)
     if d["lowrank"] is not None:
         return "lowrank"
+    if d["shrink"] is not None:
+        return "shrink"
     if ":" in d["sparsity"]:
         return "2:4"
     return "dense" if d["sparsity"] == DENSE else "sparse"
