@@ -202,10 +202,9 @@ def _blocks(model: nn.Module, config: ShrinkConfig) -> tuple[list, list]:
     chosen = select_modules(model, config.targets, config.ignore, tuple(kinds), "shrink")
     attns = [(n, m) for n, m in chosen if isinstance(m, Attention)]
     mlps = [(n, m) for n, m in chosen if isinstance(m, Mlp)]
-    for n, a in attns:
-        _plain(f"{n}.qkv", a.qkv), _plain(f"{n}.proj", a.proj)
-    for n, m in mlps:
-        _plain(f"{n}.fc1", m.fc1), _plain(f"{n}.fc2", m.fc2)
+    for n, block in attns + mlps:
+        for attr in ("qkv", "proj") if isinstance(block, Attention) else ("fc1", "fc2"):
+            _plain(f"{n}.{attr}", getattr(block, attr))
     return attns, mlps
 
 
