@@ -83,28 +83,37 @@ def test_magnitude_shrink_keeps_the_largest_units_and_equals_switching_them_off(
     assert params < sum(p.numel() for p in _model().parameters()) * 0.6
 
 
-def test_activation_shrink_folds_constant_units_into_the_bias():
-    """A unit whose output never varies scores zero and goes, and its constant contribution is
-    moved into the next bias: the model's output does not change at all."""
+def test_activation_shrink_folds_constant_neurons_into_the_bias():
+    """A neuron whose output never varies scores zero and goes, and its constant contribution
+    is moved into the fc2 bias: the model's output does not change at all."""
     model = _model()
     with torch.no_grad():
         for blk in model.blocks:
-            hd = blk.attn.num_heads * blk.attn.head_dim
             blk.mlp.fc1.weight[::2] = 0  # even neurons: gelu(bias), a constant
-            blk.attn.qkv.weight[2 * hd : 2 * hd + 16] = 0  # heads 0, 1: values = their bias
+            blk.mlp.fc1.weight[1::2] *= 0.01  # odd ones: small weights that still vary
     ref = copy.deepcopy(model)
     x = _x(16)
-    report = shrink_(model, ShrinkConfig(heads=0.5, mlp=0.5, method="activation"), [x[:8]])
+    report = shrink_(model, ShrinkConfig(mlp=0.5, method="activation"), [x[:8]])
     for i in range(len(model.blocks)):
         assert report[f"blocks.{i}.mlp"]["kept"] == list(range(1, 64, 2))
-        assert report[f"blocks.{i}.attn"]["kept"] == [2, 3]
     with torch.no_grad():  # on inputs the calibration never saw, too
         torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
-    # magnitude scoring removes the same units but loses their constant part
+    # magnitude scoring removes the same neurons (zero fc1 rows) but loses their constant part
     plain = copy.deepcopy(ref)
-    shrink_(plain, ShrinkConfig(heads=0.5, mlp=0.5))
+    shrink_(plain, ShrinkConfig(mlp=0.5))
     with torch.no_grad():
         assert (plain(x) - ref(x)).abs().max() > 1e-3
+
+
+def test_heads_are_scored_by_magnitude_whatever_the_method():
+    model = _model()
+    with torch.no_grad():
+        a = model.blocks[0].attn
+        hd = a.num_heads * a.head_dim
+        a.qkv.weight[2 * hd : 2 * hd + 16] *= 0.01  # heads 0, 1: small values
+    by_act = shrink_(copy.deepcopy(model), ShrinkConfig(heads=0.5, method="activation"))
+    by_mag = shrink_(copy.deepcopy(model), ShrinkConfig(heads=0.5))
+    assert by_act == by_mag and by_mag["blocks.0.attn"]["kept"] == [2, 3]
 
 
 @pytest.mark.parametrize(

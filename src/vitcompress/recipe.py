@@ -314,7 +314,7 @@ def needs_calibration(recipe: Recipe) -> bool:
     for s in recipe.steps:
         if s.kind == "prune" and s.config.method == "wanda":
             return True
-        if s.kind == "shrink" and s.config.method == "activation":
+        if s.kind == "shrink" and s.config.method == "activation" and s.config.mlp > 0:
             return True
         if s.kind == "quantize" and not s.config.dynamic:
             from vitcompress.quantize import _is_scaled

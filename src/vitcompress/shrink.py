@@ -13,11 +13,15 @@ block and keeps the best in each (the same fraction in every block):
 - ``method="magnitude"``: a neuron scores ``||fc1 row|| * ||fc2 column||``; a head
   ``||its value rows||_F * ||its proj columns||_F`` (its queries and keys only shape its attention
   pattern, not the size of what it adds to the residual stream).
-- ``method="activation"`` (calibration data): a unit scores how much what it adds to the
-  residual stream *varies* over the calibration tokens, ``sum_c var(a_c) * ||W_out[:, c]||^2`` over
-  its channels ``c`` (the fluctuation metric of FLAP, An et al. 2024); its *mean* contribution
-  ``W_out[:, removed] @ mean(a_removed)`` is folded into the output bias, so what a removed unit
-  did on average is kept without any retraining.
+- ``method="activation"`` (calibration data), for MLP neurons: a neuron scores how much what it
+  adds to the residual stream *varies* over the calibration tokens, ``var(a_j) * ||fc2[:, j]||^2``
+  (the fluctuation metric of FLAP, An et al. 2024); its *mean* contribution
+  ``fc2[:, removed] @ mean(a_removed)`` is folded into the ``fc2`` bias, so what a removed neuron
+  did on average is kept without any retraining. Heads are always scored by magnitude: on a
+  trained vit-micro (4 heads, 85.8 % on Fashion-MNIST) removing half of them one-shot kept
+  82.3 % by magnitude but 53.9 % by the fluctuation score (68.9 % without the bias fold). A
+  ViT classifies from the class token, one token in 50, so token-averaged statistics misjudge
+  the heads that feed it.
 
 A fine-tuning step afterwards (a recipe's ``finetune``) recovers most of the rest.
 Works on ViT blocks in the timm layout (:class:`~vitcompress.models.vit.Attention` with
@@ -51,7 +55,8 @@ class ShrinkConfig:
         mlp: fraction of the MLP hidden neurons removed in each block, in [0, 1).
         heads: fraction of the attention heads removed in each block, in [0, 1); at least one
             head always stays.
-        method: ``"magnitude"`` or ``"activation"`` (needs calibration data; module docstring).
+        method: ``"magnitude"`` or ``"activation"`` (MLP neurons scored on calibration data;
+            heads always by magnitude; module docstring).
         batches: calibration batches the ``activation`` method reads (at most).
         multiple_of: the kept MLP width is rounded up to a multiple of this (SIMD lanes, FPGA
             GEMM tiles): 16 keeps AVX-512 and most DSP arrays fully busy.
@@ -149,16 +154,14 @@ def _input_moments(
     return out
 
 
-def _head_scores(attn: Attention, moments: tuple | None) -> torch.Tensor:
+def _head_scores(attn: Attention) -> torch.Tensor:
+    """``||value rows||_F * ||proj columns||_F`` of each head."""
     h, d = attn.num_heads, attn.head_dim
     w_proj = attn.proj.weight.detach().double()  # (dim, h*d)
-    if moments is None:
-        w_v = attn.qkv.weight.detach().double()[2 * h * d :]  # value rows (h*d, dim)
-        v = w_v.reshape(h, d, -1).pow(2).sum((1, 2)).sqrt()
-        p = w_proj.reshape(w_proj.shape[0], h, d).pow(2).sum((0, 2)).sqrt()
-        return v * p
-    _, var = moments
-    return (var * w_proj.pow(2).sum(0)).reshape(h, d).sum(1)
+    w_v = attn.qkv.weight.detach().double()[2 * h * d :]  # value rows (h*d, dim)
+    v = w_v.reshape(h, d, -1).pow(2).sum((1, 2)).sqrt()
+    p = w_proj.reshape(w_proj.shape[0], h, d).pow(2).sum((0, 2)).sqrt()
+    return v * p
 
 
 def _neuron_scores(mlp: Mlp, moments: tuple | None) -> torch.Tensor:
@@ -223,23 +226,17 @@ def shrink_(
     """
     attns, mlps = _blocks(model, config)
     moments: dict = {}
-    if config.method == "activation":
+    if config.method == "activation" and mlps:
         if calib_data is None:
             raise VitcompressError("shrink.method 'activation' needs calibration data")
-        layers = {f"{n}.proj": a.proj for n, a in attns}
-        layers.update({f"{n}.fc2": m.fc2 for n, m in mlps})
+        layers = {f"{n}.fc2": m.fc2 for n, m in mlps}
         moments = _input_moments(model, layers, calib_data, config.batches)
     report: dict[str, dict] = {}
     for name, attn in attns:
         h, d = attn.num_heads, attn.head_dim
         k = kept_count(h, config.heads)
-        mom = moments.get(f"{name}.proj")
-        heads = _keep(_head_scores(attn, mom), k)
+        heads = _keep(_head_scores(attn), k)
         cols = (heads[:, None] * d + torch.arange(d)).reshape(-1)  # channels of the kept heads
-        if mom is not None:
-            gone = torch.ones(h * d, dtype=torch.bool)
-            gone[cols] = False
-            _fold_mean(attn.proj, gone.nonzero().reshape(-1), mom[0])
         rows = torch.cat([cols + i * h * d for i in range(3)])  # q, k and v rows of those heads
         attn.qkv = _linear(attn.qkv, rows, None)
         attn.proj = _linear(attn.proj, None, cols)
