@@ -52,19 +52,15 @@ def profile(path: Path, x: np.ndarray, threads: int, runs: int, prefix: str) -> 
 
 
 def torch_median_ms(model: torch.nn.Module, x: np.ndarray, threads: int, runs: int) -> float:
-    """Median batch-1 latency of torch fp32 eager (its default threading)."""
+    """Median batch-1 latency of torch fp32 eager (its default threading), timed as `bench`
+    times its ``torch-fp32`` variant."""
     import statistics
-    import time
+
+    from vitcompress.bench import Variant, _torch_runner, time_rounds
 
     torch.set_num_threads(threads)
-    xt = torch.from_numpy(x)
-    ts = []
-    with torch.inference_mode():
-        for i in range(runs + 3):
-            t0 = time.perf_counter()
-            model(xt)
-            if i >= 3:  # warm-up calls
-                ts.append(time.perf_counter() - t0)
+    v = Variant("torch-fp32", "torch", "fp32", _torch_runner(model), 0)
+    ts = time_rounds([v], x, runs, warmup=3, passes=1, pause=0.0)[v.name]
     return statistics.median(ts) * 1e3
 
 

@@ -33,18 +33,17 @@ HERE = Path(__file__).resolve().parent
 
 def machine() -> dict:
     """CPU model, cores, memory, load: what the numbers were measured on."""
+    from vitcompress.quantize import VNNI_FLAGS, cpu_flags
+
     info = {"python": platform.python_version(), "platform": platform.platform()}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
         info["cpu"] = fields.get("Model name", "?").strip()
         info["cpus"] = fields.get("CPU(s)", "?").strip()
-        flags = fields.get("Flags", "")
-        info["int8_isa"] = [
-            f for f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags
-        ]
     except (OSError, subprocess.CalledProcessError):
         info["cpu"] = platform.processor() or "?"
+    info["int8_isa"] = [f for f in ("avx2", *VNNI_FLAGS) if f in cpu_flags()]
     try:
         meminfo = Path("/proc/meminfo").read_text().splitlines()[0].split()
         info["mem_gb"] = round(int(meminfo[1]) / 1e6, 1)

@@ -313,6 +313,7 @@ def build_variants(
             v.name, v.fmt = full_name, v.fmt + ", fused attention"
         out.append(v)
     for label, other, other_cfg in compare:
+        packed = bytes_stored(other, other_cfg)  # one packing per run, for both exports
         for fused in (False, True):
             try:
                 v = ort_as_stored(f"ort-{label}" + FUSED_SUFFIX * fused, f"compare-{label}",
@@ -323,27 +324,21 @@ def build_variants(
                 continue  # attention products quantised: no fused form (export_onnx says why)
             if fused:
                 v.fmt += ", fused attention"
-            v.notes["packed_bytes"] = bytes_stored(other, other_cfg)
+            v.notes["packed_bytes"] = packed
             out.append(v)
     return out
 
 
-def _input_shape(config: dict, img_size: int) -> tuple[int, int, int]:
-    """``(C, H, W)`` of the images the model of ``config`` takes."""
-    mc = config.get("model", {})
-    size = int(mc.get("img_size", img_size))
-    return int(mc.get("in_chans", 3)), size, size
-
-
 def _load_compare(runs: Iterable[str | Path], shape: tuple[int, ...], names: set[str]) -> list:
     """``(label, model, config)`` of each run directory, checked to take ``shape`` inputs."""
+    from vitcompress.export import input_shape_of
     from vitcompress.models.checkpoints import load_run
 
     out = []
     for run in runs:
         path = Path(run)
         other, cfg = load_run(path)
-        got = _input_shape(cfg, 0)
+        got = input_shape_of(cfg)
         if got != tuple(shape):
             raise VitcompressError(
                 f"bench: compare run {path} takes {got[0]}x{got[1]}x{got[2]} images, the "
@@ -442,6 +437,7 @@ def bench(
         (fastest calls) over torch fp32 when it is among the variants, ``size_ratio``,
         ``threads``, ``model``, ``img_size``, ``notes``. Thread settings are restored after.
     """
+    from vitcompress.export import input_shape_of
     from vitcompress.models import build_model, model_config
 
     if (checkpoint is None) == (model is None):
@@ -464,7 +460,7 @@ def bench(
     names = list(variants)
     if not names:
         raise VitcompressError("bench: no variants to run")
-    shape = _input_shape(config, img_size)
+    shape = input_shape_of(config)
     others = _load_compare(compare, shape, set(names))
     saved_threads = torch.get_num_threads()
     _pin_threads(threads)

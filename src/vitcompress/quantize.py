@@ -531,7 +531,19 @@ def _int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 INT8_BACKENDS = ("auto", "int_mm", "fbgemm")
 
 
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo names of int8 dot products
+
+
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is missing)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return frozenset()
+
+
 def cpu_has_vnni() -> bool:
     """Whether the CPU has VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8) integer dot products.
 
@@ -546,12 +558,7 @@ def cpu_has_vnni() -> bool:
     7-bit weights, 97 % with 8-bit ones); what then remains between onnxruntime and torch is
     their float arithmetic outside the GEMMs.
     """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return any(f in cpu_flags() for f in VNNI_FLAGS)
 
 
 def _fbgemm_pack(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):

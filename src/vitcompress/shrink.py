@@ -41,8 +41,8 @@ from torch import nn
 
 from vitcompress.errors import VitcompressError
 from vitcompress.models.vit import Attention, Mlp
-from vitcompress.sparsity import MASK, observe_inputs
-from vitcompress.targets import Patterns, select_modules
+from vitcompress.sparsity import MASK, _as_patterns, observe_inputs
+from vitcompress.targets import Patterns, check_patterns, select_modules
 
 METHODS = ("magnitude", "activation")
 
@@ -87,9 +87,8 @@ class ShrinkConfig:
             if isinstance(m, bool) or not isinstance(m, int) or m < 1:
                 raise VitcompressError(f"shrink.{key} must be an integer >= 1, got {m!r}")
         for key in ("targets", "ignore"):
-            v = getattr(self, key)
-            if isinstance(v, list):
-                object.__setattr__(self, key, tuple(v))
+            object.__setattr__(self, key, _as_patterns(getattr(self, key)))
+            check_patterns(getattr(self, key), f"shrink.{key}")
 
 
 def kept_count(n: int, fraction: float, multiple_of: int = 1, at_least: int = 1) -> int:
