@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from vitcompress.errors import VitcompressError
-from vitcompress.models.checkpoints import METRICS, read_json
+from vitcompress.fileio import read_json
+from vitcompress.runs import METRICS
 from vitcompress.workflows import compress_run
 
 SPARSITIES = [0.5, 0.75, 0.875, 0.9375, 0.96875]

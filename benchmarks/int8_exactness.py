@@ -76,7 +76,7 @@ def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
 def model_rows(tmp: Path) -> list[str]:
     from vitcompress.export import INPUT, export_onnx
     from vitcompress.models import build_model, model_config
-    from vitcompress.quantize import QuantizeConfig, quantize_
+    from vitcompress.steps.quantize import QuantizeConfig, quantize_
 
     torch.manual_seed(0)
     cfg = model_config("vit-nano", img_size=32, patch_size=4, in_chans=3, num_classes=10)
@@ -108,7 +108,7 @@ def model_rows(tmp: Path) -> list[str]:
 def main() -> int:
     import tempfile
 
-    from vitcompress.quantize import cpu_has_vnni
+    from vitcompress.int8 import cpu_has_vnni
 
     with tempfile.TemporaryDirectory() as tmp:
         mrows = model_rows(Path(tmp))

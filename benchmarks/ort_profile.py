@@ -72,7 +72,7 @@ def linear_macs(model: torch.nn.Module, tokens: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     from vitcompress.export import export_onnx
     from vitcompress.models import build_model, model_config
-    from vitcompress.quantize import QuantizeConfig, quantize_
+    from vitcompress.steps.quantize import QuantizeConfig, quantize_
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit-tiny")

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 
 def machine() -> dict:
     """CPU model, cores, memory, load: what the numbers were measured on."""
-    from vitcompress.quantize import VNNI_FLAGS, cpu_flags
+    from vitcompress.int8 import VNNI_FLAGS, cpu_flags
 
     info = {"python": platform.python_version(), "platform": platform.platform()}
     try:
@@ -183,7 +183,7 @@ def _short_step(step: dict) -> str:
 
 def describe_run(run_dir: Path, compare: list[Path]) -> str:
     """How a benchmarked run (and the runs compared with it) were made, from their configs."""
-    from vitcompress.models.checkpoints import read_json
+    from vitcompress.fileio import read_json
 
     def one(path: Path) -> str:
         cfg = read_json(path / "config.json")
@@ -208,7 +208,7 @@ def describe_run(run_dir: Path, compare: list[Path]) -> str:
 
 def run_loaders(run_dir: Path, calib_batches: int):
     """(calibration batches from the training images, test loader) of a run directory."""
-    from vitcompress.models.checkpoints import read_json
+    from vitcompress.fileio import read_json
     from vitcompress.workflows import loaders
 
     config = read_json(run_dir / "config.json")

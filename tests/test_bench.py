@@ -13,8 +13,8 @@ from vitcompress.bench import (
 )
 from vitcompress.errors import VitcompressError
 from vitcompress.models import build_model, model_config
-from vitcompress.models.checkpoints import save_run
-from vitcompress.quantize import QuantizeConfig, quantize_
+from vitcompress.runs import save_run
+from vitcompress.steps.quantize import QuantizeConfig, quantize_
 
 # Timings are not checked (shared CPUs): only that every variant runs and is reported.
 FAST = dict(rounds_b1=2, rounds_b32=1, batch=4, warmup=1, threads=1, pause=0.0)

@@ -5,7 +5,7 @@ import torch
 
 from vitcompress.errors import VitcompressError
 from vitcompress.models import build_model
-from vitcompress.models.checkpoints import CONFIG, WEIGHTS, load_run, save_run
+from vitcompress.runs import CONFIG, WEIGHTS, load_run, save_run
 
 
 def _saved(tmp_path, cfg):

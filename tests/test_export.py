@@ -15,12 +15,13 @@ from vitcompress.export import (
     quantize_dynamic_onnx,
     read_metadata,
 )
-from vitcompress.lowrank import LowRankConfig, factorize_
+from vitcompress.int8 import cpu_has_vnni, to_int8_
 from vitcompress.models import build_model, create_model
-from vitcompress.models.checkpoints import save_run
 from vitcompress.pack import load_packed
-from vitcompress.quantize import QuantizeConfig, cpu_has_vnni, quantize_, to_int8_
-from vitcompress.sparsity import PruneConfig, prune_
+from vitcompress.runs import save_run
+from vitcompress.steps.lowrank import LowRankConfig, factorize_
+from vitcompress.steps.prune import PruneConfig, prune_
+from vitcompress.steps.quantize import QuantizeConfig, quantize_
 
 SHAPE = (1, 16, 16)
 META = {"classes": ["a", "b", "c", "d"], "mean": [0.5], "std": [0.25], "img_size": 16}

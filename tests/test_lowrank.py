@@ -5,20 +5,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitcompress.config import build_config
 from vitcompress.errors import VitcompressError
 from vitcompress.lowrank import (
-    LowRankConfig,
     LowRankConv2d,
     LowRankLinear,
-    factorize_,
-    lowrank_ranks,
     rank_for_budget,
     rank_for_energy,
     rank_for_ratio,
-    restore_lowrank_,
     svd_factors,
 )
 from vitcompress.models import create_model
+from vitcompress.steps.lowrank import (
+    STEP,
+    LowRankConfig,
+    factorize_,
+    lowrank_ranks,
+    restore_lowrank_,
+)
+from vitcompress.steps.registry import StepContext
+
+
+def factorized(model: nn.Module, config: LowRankConfig) -> dict:
+    """Factorise in place through the recipe step; what it reports per layer."""
+    return STEP.apply(model, config, StepContext(), 0)["layers"]
 
 
 def known_spectrum(n: int, p: int, S: list[float]) -> torch.Tensor:
@@ -138,23 +148,24 @@ def test_lowrank_config_rejects(kwargs, match):
         LowRankConfig(**kwargs)
 
 
-def test_lowrank_config_from_dict():
-    cfg = LowRankConfig.from_dict({"energy": 0.9, "targets": ["a", "b"]})
+def test_lowrank_config_from_a_mapping():
+    cfg = build_config(LowRankConfig, {"energy": 0.9, "layers": ["a", "b"]}, "lowrank")
     assert cfg.targets == ("a", "b")
-    with pytest.raises(VitcompressError, match="unknown key.*'ratio'"):
-        LowRankConfig.from_dict({"ratio": 0.5})
+    with pytest.raises(VitcompressError, match="unknown key 'ratio'"):
+        build_config(LowRankConfig, {"ratio": 0.5}, "lowrank")
 
 
 def test_factorize_mlp_skip_and_report():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
-    report = factorize_(model, LowRankConfig(rank=8, targets="*"))
-    assert report["0"] == (8, (8 * 96 + 64) / (32 * 64 + 64))
-    assert report["2"] == (4, "skipped")  # rank clipped to 4; 4*68 >= 64*4
+    report = factorized(model, LowRankConfig(rank=8, targets="*"))
+    assert report["0"] == {"rank": 8, "kept": (8 * 96 + 64) / (32 * 64 + 64)}
+    assert report["2"] == {"rank": 4, "kept": "skipped"}  # rank clipped to 4; 4*68 >= 64*4
     assert isinstance(model[0], LowRankLinear) and isinstance(model[2], nn.Linear)
     assert sum(p.numel() for p in model[0].parameters()) == 8 * (32 + 64) + 64
     # a second pass does not factor the factors
-    assert factorize_(model, LowRankConfig(rank=2, targets="*")) == {"2": (2, (2 * 68 + 4) / 260)}
+    again = factorized(model, LowRankConfig(rank=2, targets="*"))
+    assert again == {"2": {"rank": 2, "kept": (2 * 68 + 4) / 260}}
 
 
 def test_factorize_vit_patch_embed_and_mlp():
@@ -163,12 +174,12 @@ def test_factorize_vit_patch_embed_and_mlp():
     x = torch.randn(2, 1, 28, 28)
     before = model(x)
     dense = sum(p.numel() for p in model.parameters())
-    report = factorize_(model, LowRankConfig(rank_ratio=0.25))
+    report = factorized(model, LowRankConfig(rank_ratio=0.25))
     assert set(report) == {"patch_embed.proj"} | {
         f"blocks.{i}.mlp.{fc}" for i in range(4) for fc in ("fc1", "fc2")
     }
-    assert report["patch_embed.proj"].rank == 4  # min(64, 1*4*4) = 16 -> 4
-    assert report["blocks.0.mlp.fc1"].rank == 16
+    assert report["patch_embed.proj"]["rank"] == 4  # min(64, 1*4*4) = 16 -> 4
+    assert report["blocks.0.mlp.fc1"]["rank"] == 16
     assert isinstance(model.patch_embed.proj, LowRankConv2d)
     assert isinstance(model.get_submodule("blocks.0.mlp.fc1.first"), nn.Linear)
     assert model(x).shape == before.shape
@@ -188,10 +199,10 @@ def test_factorize_energy_one_is_exact():
     model = nn.Sequential(lin)
     x = torch.randn(3, 6)
     before = model(x)
-    report = factorize_(model, LowRankConfig(energy=0.999, targets="0"))
-    assert report["0"].rank == 2
+    report = factorized(model, LowRankConfig(energy=0.999, targets="0"))
+    assert report["0"]["rank"] == 2
     assert torch.allclose(model(x), before, atol=1e-5)
-    assert math.isclose(report["0"].kept, (2 * 46 + 40) / (240 + 40))
+    assert math.isclose(report["0"]["kept"], (2 * 46 + 40) / (240 + 40))
 
 
 def test_factorize_target_matching_nothing():

@@ -5,7 +5,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vitcompress.errors import VitcompressError
-from vitcompress.lowrank import LowRankConfig, LowRankLinear, factorize_
+from vitcompress.int8 import to_int8_
+from vitcompress.lowrank import LowRankLinear
 from vitcompress.models import build_model
 from vitcompress.pack import (
     bytes_fp32,
@@ -17,9 +18,13 @@ from vitcompress.pack import (
     save_packed,
     unpack_bits,
 )
-from vitcompress.quantize import QuantizeConfig, fake_quant_slices, quantize_, to_int8_
-from vitcompress.sparse_exec import sparsify_for_inference_
-from vitcompress.sparsity import PruneConfig, get_masks, prune_
+from vitcompress.quantize import fake_quant_slices
+from vitcompress.sparse_exec import sparsify_for_inference
+from vitcompress.sparsity import get_masks
+from vitcompress.steps.lowrank import LowRankConfig, factorize_
+from vitcompress.steps.prune import PruneConfig, prune_
+from vitcompress.steps.quantize import QuantizeConfig, quantize_
+from vitcompress.steps.registry import describe_structure
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -135,7 +140,7 @@ def test_round_trip_identical_logits_and_size(kind, tiny_vit_cfg, tmp_path):
     n = save_packed(model, path, config)
     assert n == path.stat().st_size == bytes_stored(model, config)
     loaded, cfg2 = load_packed(path)
-    assert cfg2 == config
+    assert cfg2 == {**config, "compression": describe_structure(model)}  # stored once, with it
     x = torch.randn(3, 1, 16, 16, dtype=next(model.parameters()).dtype)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
@@ -311,7 +316,7 @@ def test_corrupt_or_missing_file_is_one_line_error(tiny_vit_cfg, tmp_path):
 
 def test_refuses_what_it_cannot_rebuild(tiny_vit_cfg, tmp_path):
     model = _pruned_90(tiny_vit_cfg)
-    sparsify_for_inference_(model, min_sparsity=0.8)
+    sparsify_for_inference(model, min_sparsity=0.8)
     with pytest.raises(VitcompressError, match="SparseLinear"):
         save_packed(model, tmp_path / "s", {"model": tiny_vit_cfg})
     with pytest.raises(VitcompressError, match="no 'model' section"):

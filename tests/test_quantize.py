@@ -6,20 +6,11 @@ from torch import nn
 
 from vitcompress.errors import VitcompressError
 from vitcompress.formats import IntFormat, dynamic_qparams, get_format, quantize_int
+from vitcompress.int8 import Int8Linear, cpu_has_vnni, to_int8_
 from vitcompress.models import build_model
 from vitcompress.models.vit import MatMul
-from vitcompress.quantize import (
-    ActivationQuantizer,
-    CalibrationConfig,
-    Int8Linear,
-    QuantizeConfig,
-    QuantLinear,
-    QuantMatMul,
-    cpu_has_vnni,
-    quantize_,
-    round_scale,
-    to_int8_,
-)
+from vitcompress.quantize import ActivationQuantizer, QuantLinear, QuantMatMul, round_scale
+from vitcompress.steps.quantize import CalibrationConfig, QuantizeConfig, quantize_
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -280,7 +271,7 @@ def test_fbgemm_refuses_per_token():
 
 
 def test_int8_linear_odd_shapes_tiles_and_same_codes(monkeypatch):
-    import vitcompress.quantize as qmod
+    import vitcompress.int8 as qmod
 
     torch.manual_seed(0)
     lin = nn.Linear(37, 19)

@@ -10,11 +10,12 @@ from vitcompress.errors import VitcompressError
 from vitcompress.export import export_onnx, read_metadata
 from vitcompress.measure import compression_fields
 from vitcompress.models import build_model, model_config
-from vitcompress.models.checkpoints import load_run, save_run
 from vitcompress.pack import load_packed, save_packed
-from vitcompress.quantize import QuantizeConfig, quantize_
-from vitcompress.recipe import RecipeData, apply_recipe, parse_recipe
-from vitcompress.shrink import ShrinkConfig, kept_count, shrink_
+from vitcompress.runs import load_run, save_run
+from vitcompress.steps.quantize import QuantizeConfig, quantize_
+from vitcompress.steps.recipe import apply_recipe, parse_recipe
+from vitcompress.steps.registry import StepContext, describe_structure
+from vitcompress.steps.shrink import ShrinkConfig, kept_count, kept_units, shrink_
 
 # 4 heads of 8 channels, MLP of 64 neurons: enough units to pick from
 CFG = model_config("vit-nano", img_size=16, patch_size=4, in_chans=1, num_classes=4,
@@ -64,17 +65,18 @@ def test_magnitude_shrink_keeps_the_largest_units_and_equals_switching_them_off(
             a.qkv.weight[2 * hd + h * 8 : 2 * hd + (h + 1) * 8] *= 10
         mlp.fc1.weight[:16] *= 10
     ref = copy.deepcopy(model)
-    report = shrink_(model, ShrinkConfig(heads=0.5, mlp=0.75))
-    assert report["blocks.0.attn"]["kept"] == [1, 3]
-    assert report["blocks.0.mlp"]["kept"] == list(range(16))
+    report = kept_units(model, ShrinkConfig(heads=0.5, mlp=0.75))
+    shrink_(model, ShrinkConfig(heads=0.5, mlp=0.75))
+    assert report["blocks.0.attn"] == [1, 3]
+    assert report["blocks.0.mlp"] == list(range(16))
     b = model.blocks[0]
     assert b.attn.num_heads == 2 and tuple(b.attn.qkv.weight.shape) == (3 * 16, 32)
     assert tuple(b.attn.proj.weight.shape) == (32, 16)
     assert tuple(b.mlp.fc1.weight.shape) == (16, 32) and tuple(b.mlp.fc2.weight.shape) == (32, 16)
     # the shrunk model is the original with the removed units' outputs zeroed
     for i in range(len(model.blocks)):
-        gone_h = sorted(set(range(4)) - set(report[f"blocks.{i}.attn"]["kept"]))
-        gone_n = sorted(set(range(64)) - set(report[f"blocks.{i}.mlp"]["kept"]))
+        gone_h = sorted(set(range(4)) - set(report[f"blocks.{i}.attn"]))
+        gone_n = sorted(set(range(64)) - set(report[f"blocks.{i}.mlp"]))
         _switch_off(ref, i, gone_h, gone_n)
     x = _x()
     with torch.no_grad():
@@ -93,9 +95,11 @@ def test_activation_shrink_folds_constant_neurons_into_the_bias():
             blk.mlp.fc1.weight[1::2] *= 0.01  # odd ones: small weights that still vary
     ref = copy.deepcopy(model)
     x = _x(16)
-    report = shrink_(model, ShrinkConfig(mlp=0.5, method="activation"), [x[:8]])
+    config = ShrinkConfig(mlp=0.5, method="activation")
+    report = kept_units(model, config, [x[:8]])
+    shrink_(model, config, [x[:8]])
     for i in range(len(model.blocks)):
-        assert report[f"blocks.{i}.mlp"]["kept"] == list(range(1, 64, 2))
+        assert report[f"blocks.{i}.mlp"] == list(range(1, 64, 2))
     with torch.no_grad():  # on inputs the calibration never saw, too
         torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
     # magnitude scoring removes the same neurons (zero fc1 rows) but loses their constant part
@@ -111,9 +115,9 @@ def test_heads_are_scored_by_magnitude_whatever_the_method():
         a = model.blocks[0].attn
         hd = a.num_heads * a.head_dim
         a.qkv.weight[2 * hd : 2 * hd + 16] *= 0.01  # heads 0, 1: small values
-    by_act = shrink_(copy.deepcopy(model), ShrinkConfig(heads=0.5, method="activation"))
-    by_mag = shrink_(copy.deepcopy(model), ShrinkConfig(heads=0.5))
-    assert by_act == by_mag and by_mag["blocks.0.attn"]["kept"] == [2, 3]
+    by_act = kept_units(model, ShrinkConfig(heads=0.5, method="activation"))
+    by_mag = kept_units(model, ShrinkConfig(heads=0.5))
+    assert by_act == by_mag and by_mag["blocks.0.attn"] == [2, 3]
 
 
 @pytest.mark.parametrize(
@@ -135,7 +139,7 @@ def test_bad_config_is_one_line(kwargs, match):
 def test_refusals():
     with pytest.raises(VitcompressError, match="needs calibration data"):
         shrink_(_model(), ShrinkConfig(mlp=0.5, method="activation"))
-    with pytest.raises(VitcompressError, match="calibration data never reached"):
+    with pytest.raises(VitcompressError, match="calibration data yielded no batches"):
         shrink_(_model(), ShrinkConfig(mlp=0.5, method="activation"), [])  # empty data
     with pytest.raises(VitcompressError, match="matches no"):
         shrink_(_model(), ShrinkConfig(mlp=0.5, targets="encoder.*"))
@@ -162,12 +166,13 @@ def test_shrunk_run_reloads_packs_and_exports(tmp_path):
         {"finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16}},
         {"quantize": {"weights": "int8", "activations": "int8"}},
     ]})  # fmt: skip
-    records, reports = apply_recipe(model, recipe, RecipeData(train_loader=loader,
-                                                              calib_loader=loader))  # fmt: skip
+    reports = apply_recipe(model, recipe, StepContext(train_loader=loader, calib_loader=loader))
+    records = describe_structure(model)
     assert reports[0]["blocks"]["blocks.0.mlp"] == {"before": 64, "after": 32}
     assert reports[0]["blocks"]["blocks.0.attn"] == {"before": 4, "after": 3}
     model.eval()
-    fields = compression_fields(model, _model(), recipe, {"model": CFG, "compression": records})
+    config = {"model": CFG, "compression": records}
+    fields = compression_fields(model, _model(), recipe, reports, config)
     assert fields["pattern"] == "structured" and fields["sparsity"] == 0.0
     assert fields["params_total"] < 0.75 * fields["bytes_fp32"] / 4  # parameters really gone
     save_run(tmp_path / "run", model, {"model": CFG, "compression": records})

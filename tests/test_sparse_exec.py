@@ -7,10 +7,10 @@ from vitcompress.models import build_model
 from vitcompress.sparse_exec import (
     SparseLinear,
     predicted_speedup,
-    sparsify_for_inference_,
+    sparsify_for_inference,
     summary,
 )
-from vitcompress.sparsity import PruneConfig, prune_
+from vitcompress.steps.prune import PruneConfig, prune_
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,7 +54,7 @@ def test_sparsify_model_predicted_and_measured(tiny_vit_cfg):
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
         ref = model(x)
-    report = sparsify_for_inference_(model, min_sparsity=0.9)  # predicted: 95 % wins
+    report = sparsify_for_inference(model, min_sparsity=0.9)  # predicted: 95 % wins
     assert set(report) == {f"blocks.{i}.mlp.fc{j}" for i in range(4) for j in (1, 2)}
     assert all(r["converted"] and r["how"] == "predicted" for r in report.values())
     assert isinstance(model.blocks[0].mlp.fc1, SparseLinear)
@@ -64,13 +64,13 @@ def test_sparsify_model_predicted_and_measured(tiny_vit_cfg):
 
     model2 = build_model(tiny_vit_cfg).eval()
     prune_(model2, PruneConfig(sparsity=0.95, targets="blocks.0.mlp.fc1"))
-    report2 = sparsify_for_inference_(model2, example_input=x, iters=2)
+    report2 = sparsify_for_inference(model2, example_input=x, iters=2)
     assert report2["blocks.0.mlp.fc1"]["how"] == "measured"  # converted or not: timing decides
 
 
 def test_sparsify_rejects_bad_sparsity():
     with pytest.raises(VitcompressError, match="min_sparsity"):
-        sparsify_for_inference_(nn.Sequential(nn.Linear(2, 2)), min_sparsity=1.5)
+        sparsify_for_inference(nn.Sequential(nn.Linear(2, 2)), min_sparsity=1.5)
 
 
 def test_summary_line_with_and_without_converted_layers():

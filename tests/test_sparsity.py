@@ -2,11 +2,12 @@ import pytest
 import torch
 from torch import nn
 
+from vitcompress.config import build_config
 from vitcompress.errors import VitcompressError
 from vitcompress.models import create_model
 from vitcompress.sparsity import (
     GradualPruner,
-    PruneConfig,
+    achieved_sparsity,
     apply_masks_,
     count_nonzero,
     cubic_sparsity,
@@ -16,11 +17,11 @@ from vitcompress.sparsity import (
     magnitude_mask,
     masks_from_state_dict,
     nm_mask,
-    prune_,
     register_mask_hooks,
     sparsity_report,
     wanda_mask,
 )
+from vitcompress.steps.prune import PruneConfig, prune_
 
 STUDY_SPARSITIES = [0.5, 0.75, 0.875, 0.9375, 0.96875]
 
@@ -151,7 +152,6 @@ def test_cubic_schedule_against_formula():
         (dict(pattern="2:4", sparsity=0.75), "contradicts"),
         (dict(pattern="2:4", scope="global"), "scope"),
         (dict(sparsity=0.5, scope="row"), "scope"),
-        (dict(sparsity=0.5, schedule="cubic"), "n_steps"),
         (dict(sparsity=0.5, schedule="cubic", n_steps=0), "n_steps"),
         (dict(sparsity=0.5, schedule="cubic", n_steps=5, frequency=0), "frequency"),
         (dict(sparsity=0.5, schedule="cubic", n_steps=5, initial_sparsity=0.6), "initial"),
@@ -166,12 +166,12 @@ def test_prune_config_rejects(kwargs, match):
         PruneConfig(**kwargs)
 
 
-def test_prune_config_derived_values_and_from_dict():
-    cfg = PruneConfig.from_dict({"pattern": "2:4", "targets": ["blocks.*"]})
+def test_prune_config_derived_values_and_from_a_mapping():
+    cfg = build_config(PruneConfig, {"pattern": "2:4", "layers": ["blocks.*"]}, "prune")
     assert cfg.nm == (2, 4) and cfg.target_sparsity == 0.5 and cfg.targets == ("blocks.*",)
     assert PruneConfig(pattern="2:4", sparsity=0.5).target_sparsity == 0.5
-    with pytest.raises(VitcompressError, match="unknown key.*'layers'"):
-        PruneConfig.from_dict({"sparsity": 0.5, "layers": "blocks.*"})
+    with pytest.raises(VitcompressError, match="unknown key 'amount'"):
+        build_config(PruneConfig, {"sparsity": 0.5, "amount": 0.5}, "prune")
 
 
 # ---- module glue --------------------------------------------------------------------------
@@ -181,7 +181,8 @@ def test_prune_config_derived_values_and_from_dict():
 def test_prune_vit_exact_per_layer(s):
     torch.manual_seed(0)
     model = create_model("vit-nano", in_chans=1, num_classes=10)
-    report = prune_(model, PruneConfig(sparsity=s))
+    prune_(model, PruneConfig(sparsity=s))
+    report = achieved_sparsity(get_masks(model))
     assert len(report) == 4 * 4  # qkv, proj, fc1, fc2 of 4 blocks; head and patch_embed dense
     for name, achieved in report.items():
         module = model.get_submodule(name)
@@ -221,8 +222,8 @@ def test_prune_wanda_end_to_end():
     calib = [(torch.randn(4, 16), torch.zeros(4)) for _ in range(2)]
     with pytest.raises(VitcompressError, match="calibration"):
         prune_(model, PruneConfig(sparsity=0.5, method="wanda", targets="*"))
-    report = prune_(model, PruneConfig(sparsity=0.5, method="wanda", targets="*"), calib)
-    assert report == {"0": 0.5, "2": 0.5}
+    prune_(model, PruneConfig(sparsity=0.5, method="wanda", targets="*"), calib)
+    assert achieved_sparsity(get_masks(model)) == {"0": 0.5, "2": 0.5}
     assert ((model[0].weight == 0).sum(1) == 8).all()
 
 
@@ -322,3 +323,13 @@ def test_masks_round_trip_through_state_dict_and_counts():
     zeros = 256 + 128  # half of 16*32 and of 32*8; biases are dense
     assert count_nonzero(model) == params - zeros
     assert sparsity_report(model) == {"0": 0.5, "2": 0.5}
+
+
+def test_an_open_cubic_schedule_is_fitted_to_the_fine_tune():
+    cfg = PruneConfig(sparsity=0.5, schedule="cubic")  # n_steps left to the fine-tune
+    with pytest.raises(VitcompressError, match="needs n_steps"):
+        cfg.sparsity_at(10)
+    fitted = cfg.over(300)  # ramp over the first 200 steps, ten prunings
+    assert (fitted.n_steps, fitted.frequency) == (10, 20)
+    assert fitted.sparsity_at(0) == 0.0 and fitted.sparsity_at(200) == 0.5
+    assert fitted.over(30) is fitted  # a fixed schedule stays as it is

@@ -183,7 +183,7 @@ def test_grid_syntax_substitutes_values_labels_and_builtins():
          "{name: a, steps: [quantize: {}]}]\n", r"comes out twice"),
         ("models: {v: {preset: vit-nano}\nrecipes: [\n", r"not valid YAML"),
         ("models: {v: {preset: vit-nano, amp: fp8}}\nrecipes: [{name: a, steps: "
-         "[quantize: {}]}]\n", r"models\.v: amp must be bf16, fp16 or null"),
+         "[quantize: {}]}]\n", r"models\.v: amp must be one of null, bf16, fp16"),
     ],
 )  # fmt: skip
 def test_malformed_study_is_one_line_error_naming_file_and_key(tmp_path, text, match):

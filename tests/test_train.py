@@ -5,7 +5,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from vitcompress.data.sampler import EpochShuffleSampler
 from vitcompress.errors import VitcompressError
 from vitcompress.models import build_model, create_model
-from vitcompress.models.checkpoints import TRAIN_STATE, load_run
+from vitcompress.runs import TRAIN_STATE, load_train_state, save_run, save_train_state
 from vitcompress.train import TrainConfig, evaluate, lr_at, train
 
 
@@ -131,21 +131,25 @@ def test_resume_continues_to_the_same_weights(tmp_path, tiny_vit_cfg):
         if step == steps_per_epoch + 1:
             raise Stop
 
+    def checkpoint(epochs_done, model, opt, progress):  # what workflows.train_run does
+        save_run(tmp_path, model, run_config, None)
+        save_train_state(tmp_path, opt, epochs_done, progress)
+
     with pytest.raises(Stop):
         train(
             first,
             _loader(data),
             None,
             cfg,
-            out=tmp_path,
-            run_config=run_config,
             device="cpu",
             after_step=[stop_after_first_epoch],
+            on_epoch_end=checkpoint,
         )
     assert (tmp_path / TRAIN_STATE).is_file()
-    resumed, _ = load_run(tmp_path)
-    resumed.train()
-    train(resumed, _loader(data), None, cfg, out=tmp_path, resume=True, device="cpu")
+    resumed = build_model(tiny_vit_cfg)
+    state = load_train_state(tmp_path, resumed)
+    assert state.epochs_done == 1
+    train(resumed, _loader(data), None, cfg, resume=state, device="cpu")
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=k, atol=1e-6, rtol=1e-5)
 

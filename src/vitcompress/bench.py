@@ -97,12 +97,9 @@ BASELINE = "torch-fp32"
 
 def is_compressed(model: nn.Module) -> bool:
     """True when ``model`` holds layers or masks that a compression step left."""
-    from vitcompress.lowrank import LOWRANK_TYPES
-    from vitcompress.quantize import Int8Linear, QuantLinear, QuantMatMul
-    from vitcompress.sparsity import MASK
+    from vitcompress.steps.registry import describe_structure
 
-    kinds = (*LOWRANK_TYPES, QuantLinear, Int8Linear, QuantMatMul)
-    return any(isinstance(m, kinds) or MASK in m._buffers for m in model.modules())
+    return bool(describe_structure(model))
 
 
 @dataclass
@@ -149,7 +146,7 @@ def _torch_bytes(model: nn.Module) -> int:
 
 
 def _quantized_copy(model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
-    from vitcompress.quantize import QuantizeConfig, quantize_
+    from vitcompress.steps.quantize import QuantizeConfig, quantize_
 
     q = copy.deepcopy(model)
     # the classifier head stays fp32 (tiny, and the layer most sensitive to int8)
@@ -159,7 +156,7 @@ def _quantized_copy(model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
 
 
 def _lowrank_copy(model: nn.Module, ratio: float) -> nn.Module:
-    from vitcompress.lowrank import LowRankConfig, factorize_
+    from vitcompress.steps.lowrank import LowRankConfig, factorize_
 
     m = copy.deepcopy(model)
     factorize_(m, LowRankConfig(rank_ratio=ratio))
@@ -167,7 +164,7 @@ def _lowrank_copy(model: nn.Module, ratio: float) -> nn.Module:
 
 
 def _shrunk_copy(model: nn.Module, fraction: float) -> nn.Module:
-    from vitcompress.shrink import ShrinkConfig, shrink_
+    from vitcompress.steps.shrink import ShrinkConfig, shrink_
 
     m = copy.deepcopy(model)
     shrink_(m, ShrinkConfig(mlp=fraction, heads=fraction))
@@ -175,7 +172,7 @@ def _shrunk_copy(model: nn.Module, fraction: float) -> nn.Module:
 
 
 def _pruned_copy(model: nn.Module, sparsity: float) -> nn.Module:
-    from vitcompress.sparsity import PruneConfig, prune_
+    from vitcompress.steps.prune import PruneConfig, prune_
 
     m = copy.deepcopy(model)
     prune_(m, PruneConfig(sparsity=sparsity, targets="blocks.*"))
@@ -245,7 +242,8 @@ def build_variants(
         if name == "torch-model":
             v = Variant(name, "torch", "as stored", _torch_runner(model), bytes_stored(model, cfg))
         elif name == "torch-model-int8":
-            from vitcompress.quantize import QuantLinear, to_int8_
+            from vitcompress.int8 import to_int8_
+            from vitcompress.quantize import QuantLinear
 
             q = copy.deepcopy(model)
             if not any(isinstance(m, QuantLinear) for m in q.modules()):
@@ -265,7 +263,7 @@ def build_variants(
                 )
             v = Variant(name, "torch", "int8 dynamic (torch.ao)", _torch_runner(q), _torch_bytes(q))
         elif name == "torch-int8":
-            from vitcompress.quantize import to_int8_
+            from vitcompress.int8 import to_int8_
 
             q = copy.deepcopy(quantized())
             to_int8_(q)
@@ -296,11 +294,11 @@ def build_variants(
                 v = Variant(name, "onnxruntime", f"fp32 {s:.2%} sparse, dense kernels",
                             _ort_runner(p, threads), p.stat().st_size)  # fmt: skip
             else:
-                from vitcompress.sparse_exec import sparsify_for_inference_, summary
+                from vitcompress.sparse_exec import sparsify_for_inference, summary
 
                 sp = copy.deepcopy(pruned)
                 example = torch.from_numpy(_input(1, input_shape))
-                report = sparsify_for_inference_(sp, min_sparsity=0.5, example_input=example)
+                report = sparsify_for_inference(sp, min_sparsity=0.5, example_input=example)
                 v = Variant(name, "torch", f"fp32 {s:.2%} sparse, CSR", _torch_runner(sp),
                             bytes_stored(pruned, cfg), {"sparse": summary(report)})  # fmt: skip
         else:
@@ -332,7 +330,7 @@ def build_variants(
 def _load_compare(runs: Iterable[str | Path], shape: tuple[int, ...], names: set[str]) -> list:
     """``(label, model, config)`` of each run directory, checked to take ``shape`` inputs."""
     from vitcompress.export import input_shape_of
-    from vitcompress.models.checkpoints import load_run
+    from vitcompress.runs import load_run
 
     out = []
     for run in runs:
@@ -447,7 +445,7 @@ def bench(
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise VitcompressError(f"bench: passes must be an integer >= 1, got {passes!r}")
     if checkpoint is not None:
-        from vitcompress.models.checkpoints import load_run
+        from vitcompress.runs import load_run
 
         net, config = load_run(Path(checkpoint))
         label = str(checkpoint)

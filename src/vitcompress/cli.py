@@ -60,12 +60,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from vitcompress.train import TrainConfig
     from vitcompress.workflows import train_run
 
-    metrics = train_run(
-        model=args.model,
-        data=args.data,
-        out=Path(args.out),
+    config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -74,20 +72,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         img_size=args.img_size,
         patch_size=args.patch,
-        channels=args.channels,
-        teacher=Path(args.teacher) if args.teacher else None,
         distill=args.distill,
         distill_alpha=args.distill_alpha,
         distill_tau=args.distill_tau,
         augment="none" if args.no_augment else args.augment,
         seed=args.seed,
+        drop_path=args.drop_path,
+        amp=args.amp,
+    )
+    metrics = train_run(
+        args.model,
+        args.data,
+        Path(args.out),
+        config,
+        teacher=Path(args.teacher) if args.teacher else None,
+        init_from=Path(args.init_from) if args.init_from else None,
+        channels=args.channels,
         limit=args.limit,
         resume=args.resume,
         force=args.force,
         device=args.device,
-        drop_path=args.drop_path,
-        amp=args.amp,
-        init_from=Path(args.init_from) if args.init_from else None,
     )
     print(_metrics_line(metrics))
     print(f"run directory: {args.out}")
@@ -117,7 +121,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     m = compress_run(
         Path(args.checkpoint),
-        Path(args.recipe),
+        args.recipe,
         Path(args.out),
         data=args.data,
         limit=args.limit,
@@ -201,6 +205,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vitcompress.train import TrainConfig
+
     parser = argparse.ArgumentParser(
         prog="vitcompress",
         description="Compress Vision Transformers and measure what it costs.",
@@ -212,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
+    d = TrainConfig()  # the defaults, from their one place
     p = sub.add_parser("train", help="train a model (optionally distilled from a teacher)")
     p.add_argument("--model", required=True, help="preset, e.g. vit-micro, deit-tiny, resnet18")
     p.add_argument(
@@ -220,13 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="fashion-mnist[:DIR] | imagefolder:PATH | cifar10:PATH (default fashion-mnist)",
     )
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (ViT)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument(
+        "--drop-path", type=float, default=d.drop_path, help="stochastic depth rate (ViT)"
+    )
     p.add_argument(
         "--amp",
         choices=["bf16", "fp16"],
@@ -241,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_size_args(p)
     p.add_argument("--teacher", help="run directory of a trained teacher")
     p.add_argument("--distill", choices=["soft", "hard"], help="distillation kind (with --teacher)")
-    p.add_argument("--distill-alpha", type=float, default=0.5)
-    p.add_argument("--distill-tau", type=float, default=3.0)
+    p.add_argument("--distill-alpha", type=float, default=d.distill_alpha)
+    p.add_argument("--distill-tau", type=float, default=d.distill_tau)
     p.add_argument(
         "--augment",
         choices=["crop+flip", "flip", "crop", "none"],
@@ -250,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="training augmentation: random crop with padding and/or horizontal flip",
     )
     p.add_argument("--no-augment", action="store_true", help="same as --augment none")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--limit", type=int, help="use only the first N images of each split")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
@@ -267,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="apply a recipe (YAML) to a trained run, evaluate, measure")
     p.add_argument("--checkpoint", required=True, help="run directory of a trained model")
-    p.add_argument("--recipe", required=True, help="recipe YAML file")
+    p.add_argument("--recipe", required=True, help="recipe YAML file, or a built-in recipe by name")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--data", help="data spec (default: the checkpoint's own)")
     p.add_argument("--limit", type=int, help="use only the first N images of each split")

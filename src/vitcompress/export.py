@@ -314,7 +314,8 @@ def prepare_for_onnx(model: nn.Module, act_dtype: str = "uint8", clip_restricted
 
     ``kind`` is ``"fp32"``, ``"int8-qdq"`` (quantised activations) or ``"int8-weight-only"``.
     """
-    from vitcompress.quantize import Int8Linear, QuantLinear, QuantMatMul
+    from vitcompress.int8 import Int8Linear
+    from vitcompress.quantize import QuantLinear, QuantMatMul
     from vitcompress.sparse_exec import SparseLinear
 
     if act_dtype not in ACT_DTYPES:
@@ -617,7 +618,7 @@ def export_cli(checkpoint: Path, fmt: str, out: Path, fused_attention: bool = Fa
     ``onnx-dynamic`` (onnxruntime's quantize_dynamic of the fp32 export), ``packed``.
     ``fused_attention``: ONNX formats only (:func:`export_onnx`).
     """
-    from vitcompress.models.checkpoints import load_run
+    from vitcompress.runs import load_run
 
     if fmt not in EXPORT_FORMATS:
         raise VitcompressError(f"unknown export format {fmt!r}; choose from {EXPORT_FORMATS}")

@@ -289,6 +289,60 @@ _NAMED_FLOATS: dict[str, FloatFormat] = {
     "fp6_e2m3": FloatFormat(2, 3, has_inf=False, has_nan=False, name="fp6_e2m3"),
     "fp4_e2m1": FloatFormat(2, 1, has_inf=False, has_nan=False, name="fp4_e2m1"),
 }
+
+
+def bits_view(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of ``t`` as a signed integer tensor of the same width (bool as uint8)."""
+    if t.dtype == torch.bool:
+        return t.to(torch.uint8)
+    if t.is_floating_point():
+        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(t.element_size(), torch.uint8)
+        return t.view(width)
+    return t
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bits (so -0.0 differs from 0.0 and NaNs compare by payload)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits_view(a), bits_view(b))
+
+
+def float_code_table(fmt: FloatFormat) -> torch.Tensor:
+    """Value of every code of a float format of <= 8 bits (NaN for the special codes)."""
+    E, M = fmt.exp_bits, fmt.man_bits
+    codes = torch.arange(2 ** (1 + E + M), dtype=torch.int64)
+    sign = (codes >> (E + M)) & 1
+    e = (codes >> M) & (2**E - 1)
+    m = (codes & (2**M - 1)).double()
+    val = torch.where(
+        e == 0,
+        m * 2.0 ** (fmt.emin - M),
+        (1 + m / 2**M) * torch.pow(2.0, (e - fmt.bias).double()),
+    )
+    val = torch.where(sign == 1, -val, val)
+    top = e == 2**E - 1
+    if fmt.has_inf:
+        val = torch.where(top, torch.full_like(val, math.nan), val)
+    elif fmt.has_nan:
+        val = torch.where(top & (m == 2**M - 1), torch.full_like(val, math.nan), val)
+    return val.float()
+
+
+def float_codes(q: torch.Tensor, fmt: FloatFormat) -> torch.Tensor | None:
+    """Codes of values ``q`` that lie on ``fmt``'s grid, or None if one does not."""
+    table = float_code_table(fmt)
+    pos = table[: len(table) // 2]  # sign bit clear
+    ok = ~torch.isnan(pos)
+    vals, codes = pos[ok], torch.arange(len(pos))[ok]
+    order = torch.argsort(vals, stable=True)
+    vals, codes = vals[order], codes[order]
+    mag = q.abs().reshape(-1)
+    i = torch.searchsorted(vals, mag).clamp(max=len(vals) - 1)
+    if not torch.equal(vals[i], mag):
+        return None
+    out = codes[i] + torch.signbit(q.reshape(-1)).long() * (len(table) // 2)
+    return out.reshape(q.shape)
+
+
 _ALIASES = {
     "float32": "fp32",
     "bfloat16": "bf16",

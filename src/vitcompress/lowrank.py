@@ -16,21 +16,19 @@ a 1x1 ``Conv2d(r, out)`` with the bias. This covers the ViT patch projection
 (``patch_embed.proj``), which study B factorises.
 
 A factorisation that does not save parameters (``r * (n + p) >= n * p``) is skipped: the layer
-stays dense and :func:`factorize_` reports it as ``"skipped"``.
+stays dense (:func:`saves_params`). The config, the verb ``factorize_`` and the recipe step live in
+:mod:`vitcompress.steps.lowrank`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from vitcompress.errors import VitcompressError
-from vitcompress.targets import Patterns, check_patterns, replace_module, select_modules
 
 SPLITS = ("sqrt", "second")
 
@@ -39,7 +37,7 @@ SPLITS = ("sqrt", "second")
 # --------------------------------------------------------------------------------------------
 
 
-def _matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
     """``(n, p)`` of a weight seen as a matrix: out by everything else."""
     if len(shape) < 2:
         raise VitcompressError(f"low rank needs a weight of 2 or more dims, got {tuple(shape)}")
@@ -81,7 +79,7 @@ def svd_factors(
     return A.to(W.dtype), B.to(W.dtype)
 
 
-def _check_fraction(value: object, what: str) -> float:
+def check_unit_fraction(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise VitcompressError(f"{what} must be a number in (0, 1], got {value!r}")
     return float(value)
@@ -89,8 +87,8 @@ def _check_fraction(value: object, what: str) -> float:
 
 def rank_for_ratio(shape: Sequence[int], ratio: float) -> int:
     """``ceil(ratio * min(n, p))``, ``ratio`` in (0, 1]."""
-    ratio = _check_fraction(ratio, "rank_ratio")
-    n, p = _matrix_shape(shape)
+    ratio = check_unit_fraction(ratio, "rank_ratio")
+    n, p = matrix_shape(shape)
     # round() first so that 0.1 * 30 = 3.0000000000000004 gives 3, not 4
     return max(1, math.ceil(round(ratio * min(n, p), 9)))
 
@@ -100,7 +98,7 @@ def rank_for_energy(S: torch.Tensor, energy: float) -> int:
 
     ``S`` are singular values in descending order. A zero matrix gives rank 1.
     """
-    energy = _check_fraction(energy, "energy")
+    energy = check_unit_fraction(energy, "energy")
     sq = S.detach().to(torch.float64) ** 2
     total = float(sq.sum())
     if total == 0.0:
@@ -118,12 +116,12 @@ def rank_for_budget(shape: Sequence[int], budget: float | int, bias: bool = True
     int (parameters) or a float in (0, 1] (fraction of the dense layer's parameters, bias
     included). Returns 0 when even rank 1 does not fit.
     """
-    n, p = _matrix_shape(shape)
+    n, p = matrix_shape(shape)
     nb = n if bias else 0
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise VitcompressError(f"budget must be a number, got {budget!r}")
     if isinstance(budget, float):
-        params = _check_fraction(budget, "budget") * (n * p + nb)
+        params = check_unit_fraction(budget, "budget") * (n * p + nb)
     else:
         if budget < 1:
             raise VitcompressError(f"budget as a parameter count must be >= 1, got {budget}")
@@ -134,7 +132,7 @@ def rank_for_budget(shape: Sequence[int], budget: float | int, bias: bool = True
 
 def saves_params(shape: Sequence[int], rank: int) -> bool:
     """True when rank ``rank`` factors have fewer weights than the dense ``(n, p)`` matrix."""
-    n, p = _matrix_shape(shape)
+    n, p = matrix_shape(shape)
     return rank * (n + p) < n * p
 
 
@@ -286,187 +284,14 @@ class LowRankConv2d(nn.Module):
 
 LOWRANK_TYPES = (LowRankLinear, LowRankConv2d)
 
-# --------------------------------------------------------------------------------------------
-# Config and walker
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LowRankConfig:
-    """How to pick each layer's rank, and which layers.
-
-    Exactly one of ``rank``, ``rank_ratio``, ``energy``, ``budget`` is given.
-
-    Attributes:
-        rank: the same rank for every layer (>= 1; clipped to ``min(n, p)``).
-        rank_ratio: ``rank = ceil(rank_ratio * min(n, p))``, in (0, 1].
-        energy: smallest rank keeping this fraction of ``sum(S^2)``, in (0, 1].
-        budget: fraction of each layer's parameters (bias included) the factors may use, in
-            (0, 1]; the largest rank that fits (at least 1).
-        split: ``"sqrt"`` (``sqrt(S)`` in both factors, default) or ``"second"`` (all of ``S``
-            in the second factor, as in study B).
-        targets: name patterns; the default is study B's choice, the patch projection and the
-            MLP Linears of every block.
-        ignore: name patterns to leave out.
-    """
-
-    rank: int | None = None
-    rank_ratio: float | None = None
-    energy: float | None = None
-    budget: float | None = None
-    split: str = "sqrt"
-    targets: Patterns = ("patch_embed.proj", "blocks.*.mlp.*")
-    ignore: Patterns = None
-
-    def __post_init__(self) -> None:
-        for k in ("targets", "ignore"):
-            v = getattr(self, k)
-            object.__setattr__(self, k, tuple(v) if isinstance(v, (list, tuple)) else v)
-        given = [
-            k for k in ("rank", "rank_ratio", "energy", "budget") if getattr(self, k) is not None
-        ]
-        if len(given) != 1:
-            raise VitcompressError(
-                "lowrank: give exactly one of rank, rank_ratio, energy, budget"
-                + (f" (got {', '.join(given)})" if given else "")
-            )
-        if self.rank is not None and (
-            isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1
-        ):
-            raise VitcompressError(f"lowrank.rank must be an integer >= 1, got {self.rank!r}")
-        for k in ("rank_ratio", "energy", "budget"):
-            if getattr(self, k) is not None:
-                _check_fraction(getattr(self, k), f"lowrank.{k}")
-        if self.split not in SPLITS:
-            raise VitcompressError(f"lowrank.split must be one of {SPLITS}, got {self.split!r}")
-        check_patterns(self.targets, "lowrank.targets")
-        check_patterns(self.ignore, "lowrank.ignore")
-
-    def choose_rank(self, shape: Sequence[int], S: torch.Tensor, bias: bool = True) -> int:
-        """The rank for a weight of ``shape`` with singular values ``S``."""
-        n, p = _matrix_shape(shape)
-        if self.rank is not None:
-            return min(self.rank, n, p)
-        if self.rank_ratio is not None:
-            return rank_for_ratio(shape, self.rank_ratio)
-        if self.energy is not None:
-            return rank_for_energy(S, self.energy)
-        return max(1, rank_for_budget(shape, float(self.budget), bias))  # type: ignore[arg-type]
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> LowRankConfig:
-        """Build from a recipe mapping; unknown keys are an error."""
-        valid = [f.name for f in fields(cls)]
-        unknown = [k for k in d if k not in valid]
-        if unknown:
-            raise VitcompressError(
-                f"lowrank: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
-                f"{', '.join(valid)}"
-            )
-        return cls(**d)
-
-
-class FactorInfo(NamedTuple):
-    """What :func:`factorize_` did to one layer: its rank, and the fraction of the layer's
-    parameters kept (bias included), or ``"skipped"`` when factoring would not save any."""
-
-    rank: int
-    kept: float | str
-
-
-def factorize_(model: nn.Module, config: LowRankConfig) -> dict[str, FactorInfo]:
-    """Replace each selected Linear / Conv2d by its low-rank factorisation, in place.
-
-    Returns ``{layer: FactorInfo(rank, kept)}`` for every selected layer, skipped ones included.
-    Linears that are already factors of a low-rank layer (``*.first``, ``*.second``) are left
-    alone, so running this twice does not factor the factors.
-    """
-    selected = select_modules(
-        model, config.targets, config.ignore, (nn.Linear, nn.Conv2d), "lowrank.targets"
-    )
-    inside = {
-        f"{n}.{c}"
-        for n, m in model.named_modules()
-        if isinstance(m, LOWRANK_TYPES)
-        for c in ("first", "second")
-    }
-    report: dict[str, FactorInfo] = {}
-    for name, module in selected:
-        if name in inside:
-            continue
-        shape = module.weight.shape
-        n, p = _matrix_shape(shape)
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            report[name] = FactorInfo(0, "skipped")
-            continue
-        has_bias = module.bias is not None
-        usv = svd(module.weight)
-        rank = config.choose_rank(shape, usv[1], has_bias)
-        if not saves_params(shape, rank):
-            report[name] = FactorInfo(rank, "skipped")
-            continue
-        w = module.weight
-        if isinstance(module, nn.Linear):
-            new: nn.Module = LowRankLinear(p, n, rank, has_bias, device=w.device, dtype=w.dtype)
-        else:
-            new = LowRankConv2d.like(module, rank)
-        new._load(usv, module.bias, config.split)
-        new.train(module.training)
-        replace_module(model, name, new)
-        nb = n if has_bias else 0
-        report[name] = FactorInfo(rank, (rank * (n + p) + nb) / (n * p + nb))
-    return report
-
-
-def lowrank_ranks(model: nn.Module) -> dict[str, int]:
-    """``{layer: rank}`` of every low-rank module, e.g. to store next to a checkpoint."""
-    return {n: m.rank for n, m in model.named_modules() if isinstance(m, LOWRANK_TYPES)}
-
-
-def restore_lowrank_(model: nn.Module, ranks: Mapping[str, int]) -> None:
-    """Give a fresh dense model the low-rank structure ``ranks`` (from :func:`lowrank_ranks`).
-
-    The new factors are not loaded with anything meaningful: call ``load_state_dict`` next.
-    """
-    for name, rank in ranks.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise VitcompressError(
-                f"no layer named {name!r} to restore a low-rank layer in"
-            ) from None
-        w = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and w is not None:
-            new: nn.Module = LowRankLinear(
-                module.in_features,
-                module.out_features,
-                rank,
-                module.bias is not None,
-                device=w.device,
-                dtype=w.dtype,
-            )
-        elif isinstance(module, nn.Conv2d):
-            new = LowRankConv2d.like(module, rank)
-        else:
-            raise VitcompressError(
-                f"{name}: a low-rank layer replaces a Linear or Conv2d, found "
-                f"{type(module).__name__}"
-            )
-        replace_module(model, name, new)
-
-
 __all__ = [
-    "FactorInfo",
-    "LowRankConfig",
+    "LOWRANK_TYPES",
     "LowRankConv2d",
     "LowRankLinear",
-    "factorize_",
     "factors_from_svd",
-    "lowrank_ranks",
     "rank_for_budget",
     "rank_for_energy",
     "rank_for_ratio",
-    "restore_lowrank_",
     "saves_params",
     "svd",
     "svd_factors",

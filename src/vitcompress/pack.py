@@ -20,11 +20,12 @@ Every tensor of the state dict is stored losslessly in the fewest bytes we know 
   the support of its sparse weight. Each derivation is checked bit for bit while saving; a
   tensor that does not round-trip exactly is stored plainly instead.
 
-Structure: the file's header (zlib-compressed JSON in a uint8 tensor) holds ``config``
-(``config["model"]`` builds the dense model) and a description of the compressed modules
-(low-rank ranks, quantised layers with their formats, int8 layers, masks, attention paths), from
-which :func:`load_packed` rebuilds the tree before the weights load. Saving first rebuilds that
-tree on the meta device and refuses a model it could not load back.
+Structure: the file's header (zlib-compressed JSON in a uint8 tensor) holds ``config``:
+``config["model"]`` builds the dense model and ``config["compression"]`` holds the structure
+records of the compressed modules (shrunk blocks, low-rank ranks, masks, quantised layers with
+their formats), the schema of :mod:`vitcompress.steps.registry`, from which :func:`load_packed`
+rebuilds the tree before the weights load. Saving first rebuilds that tree on the meta device
+and refuses a model it could not load back.
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,18 +43,20 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from vitcompress.errors import VitcompressError
-from vitcompress.lowrank import LOWRANK_TYPES, restore_lowrank_
+from vitcompress.fileio import atomic_write_bytes
+from vitcompress.formats import bits_view, same_bits
 from vitcompress.models import build_model
-from vitcompress.models.checkpoints import atomic_write_bytes
-from vitcompress.shrink import restore_shrink_, shrink_structure
 from vitcompress.sparsity import MASK
+from vitcompress.steps.registry import describe_structure, rebuild_structure_
 
 META_KEY = "vitcompress.pack"
-VERSION = 2  # 2: one compressed header + one data blob (1: a tensor per blob)
+# 3: the structure is the config's "compression" records (vitcompress.steps.registry);
+# 2: a structure dict of its own beside the config; both: one compressed header + one data blob
+VERSION = 3
+READABLE = ("2", "3")
 NM_CANDIDATES = (4, 8, 16)  # group sizes M tried for the N:M layout
 _CHUNK = 1 << 20  # elements per bit-packing chunk (bounds temporary memory)
 
-_INT_BY_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (
@@ -113,31 +114,18 @@ def unpack_bits(p: np.ndarray, n: int, length: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, np.uint8)
 
 
-def _bits_view(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of ``t`` as a signed integer tensor of the same width (bool as uint8)."""
-    if t.dtype == torch.bool:
-        return t.to(torch.uint8)
-    if t.is_floating_point():
-        return t.view(_INT_BY_WIDTH[t.element_size()] if t.element_size() > 1 else torch.uint8)
-    return t
-
-
 def _scatter(flat: torch.Tensor, where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``flat[where] = values`` bit for bit (no float arithmetic, -0.0 and NaN kept)."""
     if flat.dtype == torch.bool:
         flat[where] = values
     else:
-        _bits_view(flat)[where] = _bits_view(values)
+        bits_view(flat)[where] = bits_view(values)
     return flat
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits_view(a), _bits_view(b))
 
 
 def _enc_float32(v: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
     """fp32 values in 2 bytes (exact fp16 / bf16), 3 bytes (exact tf32) or 4."""
-    if v.numel() and _same_bits(v.half().float(), v):
+    if v.numel() and same_bits(v.half().float(), v):
         return {"codec": "f16"}, v.half()
     bits = v.view(torch.int32)
     if not bool((bits & 0xFFFF).any()):  # the low half is zero: bf16 is exact (bit shift, so
@@ -168,7 +156,7 @@ def _enc_int(v: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
 def encode_values(v: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
     """The smallest exact encoding of a 1-D tensor; returns (meta, blob or None)."""
     v = v.contiguous().reshape(-1)
-    if v.numel() > 1 and v.is_floating_point() and bool((_bits_view(v) == _bits_view(v[:1])).all()):
+    if v.numel() > 1 and v.is_floating_point() and bool((bits_view(v) == bits_view(v[:1])).all()):
         meta, blob = encode_values(v[:1])  # one value repeated (a per-tensor scale, expanded)
         return {"codec": "repeat", "elem": meta}, blob
     if v.dtype == torch.float32:
@@ -261,14 +249,14 @@ def scaled_codes(flat: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.T
         return None
     for qmax in SCALED_QMAX:
         s = amax / qmax
-        two_bytes = _same_bits(s.bfloat16().float(), s) or _same_bits(s.half().float(), s)
+        two_bytes = same_bits(s.bfloat16().float(), s) or same_bits(s.half().float(), s)
         if not two_bytes or not torch.equal(s * qmax, amax):
             continue
         codes = torch.round(g / torch.where(s > 0, s, 1.0).unsqueeze(1))
         if bool((codes.abs() > qmax).any()):
             continue
         codes = codes.to(torch.int8)  # -0.0 becomes 0: a -0.0 value fails the check below
-        if _same_bits(codes.float() * s.unsqueeze(1), g):
+        if same_bits(codes.float() * s.unsqueeze(1), g):
             return codes.reshape(-1), s
     return None
 
@@ -281,7 +269,7 @@ def encode_tensor(t: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[di
     ``i`` N:M positions).
     """
     flat = t.detach().cpu().contiguous().reshape(-1)
-    nbits = _bits_view(flat)
+    nbits = bits_view(flat)
     support = (nbits != 0) if mask is None else mask.detach().cpu().reshape(-1).bool()
     cands: list[tuple[dict, dict]] = []
 
@@ -371,247 +359,6 @@ def decode_tensor(
 
 
 # --------------------------------------------------------------------------------------------
-# Structure of the compressed model
-# --------------------------------------------------------------------------------------------
-
-
-def _fmt_to_dict(fmt: Any) -> str | dict:
-    """A format by name when the name gives it back exactly, else all its fields."""
-    from vitcompress.formats import IntFormat, get_format
-
-    try:
-        if get_format(fmt.name) == fmt:
-            return fmt.name
-    except VitcompressError:
-        pass
-    kind = "int" if isinstance(fmt, IntFormat) else "float"
-    return {"kind": kind, **asdict(fmt)}
-
-
-def _fmt_from_dict(d: str | dict) -> Any:
-    from vitcompress.formats import FloatFormat, IntFormat, get_format
-
-    if isinstance(d, str):
-        return get_format(d)
-    d = dict(d)
-    kind = d.pop("kind")
-    return IntFormat(**d) if kind == "int" else FloatFormat(**d)
-
-
-def _aq_spec(aq: Any) -> dict | None:
-    if aq is None:
-        return None
-    return {
-        "fmt": _fmt_to_dict(aq.fmt),
-        "dynamic": bool(aq.dynamic),
-        "method": aq.method,
-        "percentile": aq.percentile,
-        "dim": aq.dim,
-    }
-
-
-def _aq_build(spec: dict | None) -> Any:
-    from vitcompress.quantize import ActivationQuantizer
-
-    if spec is None:
-        return None
-    fmt = _fmt_from_dict(spec["fmt"])
-    return ActivationQuantizer(
-        fmt, spec["dynamic"], spec["method"], spec["percentile"], spec["dim"]
-    )
-
-
-def _quant_classes() -> tuple[type, type, type]:
-    from vitcompress.quantize import Int8Linear, QuantLinear, QuantMatMul
-
-    return QuantLinear, QuantMatMul, Int8Linear
-
-
-def describe_structure(model: nn.Module) -> dict:
-    """What distinguishes ``model``'s module tree from the dense model its config builds."""
-    from vitcompress.sparse_exec import SparseLinear
-
-    QuantLinear, QuantMatMul, Int8Linear = _quant_classes()
-    s: dict[str, Any] = {
-        "lowrank": {},
-        "quant_linear": {},
-        "quant_matmul": {},
-        "int8_linear": {},
-        "masks": [],
-        "fused_attn": {},
-        "shrink": shrink_structure(model),
-    }
-    for name, m in model.named_modules():
-        if isinstance(m, LOWRANK_TYPES):
-            s["lowrank"][name] = int(m.rank)
-        elif isinstance(m, QuantLinear):
-            s["quant_linear"][name] = {
-                "in": m.in_features,
-                "out": m.out_features,
-                "weight_format": _fmt_to_dict(m.weight_format),
-                "granularity": m.granularity,
-                "group_size": m.group_size,
-                "bias": m.bias is not None,
-                "input_quant": _aq_spec(m.input_quant),
-            }
-        elif isinstance(m, QuantMatMul):
-            s["quant_matmul"][name] = {"a": _aq_spec(m.a_quant), "b": _aq_spec(m.b_quant)}
-        elif isinstance(m, Int8Linear):
-            s["int8_linear"][name] = {
-                "in": m.in_features,
-                "out": m.out_features,
-                "bias": m.bias is not None,
-                "input_format": _fmt_to_dict(m.input_format),
-                "static": not m.dynamic,
-            }
-        elif isinstance(m, SparseLinear):
-            raise VitcompressError(
-                f"pack: {name} is a SparseLinear (an execution format); pack the pruned model "
-                "and call sparsify_for_inference_ after loading"
-            )
-        if hasattr(m, "fused_attn"):
-            s["fused_attn"][name] = bool(m.fused_attn)
-        if MASK in getattr(m, "_buffers", {}):
-            s["masks"].append(name)
-    return s
-
-
-def rebuild_structure_(model: nn.Module, s: dict) -> None:
-    """Give a freshly built dense model the structure :func:`describe_structure` recorded."""
-    from vitcompress.targets import replace_module
-
-    QuantLinear, QuantMatMul, Int8Linear = _quant_classes()
-    restore_shrink_(model, s.get("shrink", {}))  # first: the layers below take its shapes
-    restore_lowrank_(model, s.get("lowrank", {}))
-    for name, q in s.get("quant_linear", {}).items():
-        new = QuantLinear(
-            q["in"],
-            q["out"],
-            _fmt_from_dict(q["weight_format"]),
-            q["granularity"],
-            q["group_size"],
-            bias=q["bias"],
-            input_quant=_aq_build(q["input_quant"]),
-        )
-        replace_module(model, name, new)
-    for name, q in s.get("quant_matmul", {}).items():
-        replace_module(model, name, QuantMatMul(_aq_build(q["a"]), _aq_build(q["b"])))
-    for name, q in s.get("int8_linear", {}).items():
-        static = q["static"]
-        new = Int8Linear(
-            torch.zeros(q["out"], q["in"], dtype=torch.int8),
-            torch.ones(q["out"], 1),
-            torch.zeros(q["out"]) if q["bias"] else None,
-            _fmt_from_dict(q["input_format"]),
-            torch.ones(()) if static else None,
-            torch.zeros((), dtype=torch.int32) if static else None,
-        )
-        replace_module(model, name, new)
-    for name in s.get("masks", []):
-        m = model.get_submodule(name)
-        m.register_buffer(MASK, torch.ones_like(m.weight, dtype=torch.bool))
-    for name, fused in s.get("fused_attn", {}).items():
-        model.get_submodule(name).fused_attn = fused
-
-
-# --------------------------------------------------------------------------------------------
-# Derived tensors of quantised layers
-# --------------------------------------------------------------------------------------------
-
-
-def _float_table(fmt: Any) -> torch.Tensor:
-    """Value of every code of a float format of <= 8 bits (NaN for the special codes)."""
-    E, M = fmt.exp_bits, fmt.man_bits
-    codes = torch.arange(2 ** (1 + E + M), dtype=torch.int64)
-    sign = (codes >> (E + M)) & 1
-    e = (codes >> M) & (2**E - 1)
-    m = (codes & (2**M - 1)).double()
-    val = torch.where(
-        e == 0,
-        m * 2.0 ** (fmt.emin - M),
-        (1 + m / 2**M) * torch.pow(2.0, (e - fmt.bias).double()),
-    )
-    val = torch.where(sign == 1, -val, val)
-    top = e == 2**E - 1
-    if fmt.has_inf:
-        val = torch.where(top, torch.full_like(val, math.nan), val)
-    elif fmt.has_nan:
-        val = torch.where(top & (m == 2**M - 1), torch.full_like(val, math.nan), val)
-    return val.float()
-
-
-def _float_codes(q: torch.Tensor, fmt: Any) -> torch.Tensor | None:
-    """Codes of values ``q`` that lie on ``fmt``'s grid, or None if one does not."""
-    table = _float_table(fmt)
-    pos = table[: len(table) // 2]  # sign bit clear
-    ok = ~torch.isnan(pos)
-    vals, codes = pos[ok], torch.arange(len(pos))[ok]
-    order = torch.argsort(vals, stable=True)
-    vals, codes = vals[order], codes[order]
-    mag = q.abs().reshape(-1)
-    i = torch.searchsorted(vals, mag).clamp(max=len(vals) - 1)
-    if not torch.equal(vals[i], mag):
-        return None
-    out = codes[i] + torch.signbit(q.reshape(-1)).long() * (len(table) // 2)
-    return out.reshape(q.shape)
-
-
-def _dequant_int(m: Any) -> torch.Tensor:
-    from vitcompress.formats import dequantize_int, expand_qparams
-
-    shape = m.qweight.shape
-    s = expand_qparams(m.weight_scale, shape, m.granularity, m.group_size)
-    z = expand_qparams(m.weight_zero_point, shape, m.granularity, m.group_size)
-    return dequantize_int(m.qweight, s, z)
-
-
-def _derive_quant_weight(m: Any) -> tuple[str, torch.Tensor | None] | None:
-    """How a QuantLinear's fp32 weight follows from what else is stored; None if it does not.
-
-    Returns ``(how, extra)`` where ``extra`` is a code tensor to store (float formats that torch
-    has no dtype for), or None.
-    """
-    from vitcompress.formats import IntFormat, expand_qparams
-
-    w = m.weight.detach()
-    fmt = m.weight_format
-    if isinstance(fmt, IntFormat):
-        if m.qweight is None or m.weight_scale is None or m.weight_zero_point is None:
-            return None
-        return ("dequant_int", None) if _same_bits(_dequant_int(m), w) else None
-    if m.weight_scale is None:  # unscaled float: a cast
-        if m.qweight is not None and _same_bits(m.qweight.float(), w):
-            return ("cast", None)
-        return None
-    s = expand_qparams(m.weight_scale, w.shape, m.granularity, m.group_size)
-    if m.qweight is not None:
-        return ("scaled_qweight", None) if _same_bits(m.qweight.float() * s, w) else None
-    if fmt.bits > 8:
-        return None
-    codes = _float_codes(fmt.saturating().quantize(w / s), fmt)
-    if codes is None:
-        return None
-    ref = _float_table(fmt)[codes] * s
-    return ("scaled_codes", codes.to(torch.uint8)) if _same_bits(ref, w) else None
-
-
-def _rebuild_quant_weight(how: str, m: Any, codes: torch.Tensor | None) -> torch.Tensor:
-    from vitcompress.formats import expand_qparams
-
-    if how == "dequant_int":
-        return _dequant_int(m)
-    if how == "cast":
-        return m.qweight.float()
-    shape = (m.out_features, m.in_features)
-    s = expand_qparams(m.weight_scale, shape, m.granularity, m.group_size)
-    if how == "scaled_qweight":
-        return m.qweight.float() * s
-    if how == "scaled_codes":
-        return _float_table(m.weight_format)[codes.long()] * s
-    raise VitcompressError(f"unknown weight derivation {how!r}")
-
-
-# --------------------------------------------------------------------------------------------
 # Save / load
 # --------------------------------------------------------------------------------------------
 
@@ -630,10 +377,10 @@ def _model_config(model: nn.Module, config: dict) -> dict:
     return config
 
 
-def _check_rebuildable(model: nn.Module, config: dict, structure: dict) -> None:
+def _check_rebuildable(model: nn.Module, config: dict) -> None:
     with torch.device("meta"):
         shadow = build_model(config["model"])
-        rebuild_structure_(shadow, structure)
+        rebuild_structure_(shadow, config["compression"], "pack")
     want = model.state_dict()
     got = shadow.state_dict()
     for k, v in want.items():
@@ -652,10 +399,14 @@ def _check_rebuildable(model: nn.Module, config: dict, structure: dict) -> None:
 
 
 def _serialize(model: nn.Module, config: dict) -> bytes:
-    QuantLinear, _, _ = _quant_classes()
-    config = _model_config(model, config)
-    structure = describe_structure(model)
-    _check_rebuildable(model, config, structure)
+    for name, m in model.named_modules():
+        if getattr(m, "execution_only", False):
+            raise VitcompressError(
+                f"pack: {name} is a {type(m).__name__}, an execution format; pack the model "
+                "before converting it for execution"
+            )
+    config = {**_model_config(model, config), "compression": describe_structure(model)}
+    _check_rebuildable(model, config)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for k, v in state.items():
         if v.layout != torch.strided or _dtype_name(v.dtype) not in _DTYPES:
@@ -666,8 +417,9 @@ def _serialize(model: nn.Module, config: dict) -> bytes:
 
     # quantised layers: the fp32 weight follows from codes and scales
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            d = _derive_quant_weight(m)
+        derivation = getattr(m, "weight_derivation", None)
+        if callable(derivation):
+            d = derivation()
             if d is None:
                 continue
             how, codes = d
@@ -682,14 +434,14 @@ def _serialize(model: nn.Module, config: dict) -> bytes:
             derived[key] = spec
 
     # pruned layers: the mask is the support of the weight
-    masked = {name for name, m in model.named_modules() if MASK in getattr(m, "_buffers", {})}
+    masked = [name for name, m in model.named_modules() if MASK in getattr(m, "_buffers", {})]
     mask_of: dict[str, str] = {}
     for name in masked:
         wk, mk = f"{name}.weight", f"{name}.{MASK}"
         if wk in state and wk not in derived and mk in state:
             meta, bl = encode_tensor(state[wk], state[mk])
             dec, support = decode_tensor(meta, bl, list(state[wk].shape), state[wk].dtype)
-            if _same_bits(dec, state[wk]) and torch.equal(support, state[mk].bool()):
+            if same_bits(dec, state[wk]) and torch.equal(support, state[mk].bool()):
                 entries[wk] = {"shape": list(state[wk].shape), "dtype": _dtype_name(dec.dtype)}
                 entries[wk].update(meta)
                 blobs.update({f"{wk}#{s}": b for s, b in bl.items()})
@@ -704,7 +456,6 @@ def _serialize(model: nn.Module, config: dict) -> bytes:
     header = {
         "version": VERSION,
         "config": config,
-        "structure": structure,
         "entries": entries,
         "derived": derived,
         "mask_of": mask_of,
@@ -765,8 +516,8 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if n <= 0 or 8 + n > len(data):
             raise ValueError("header length out of range")
         meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
-        if meta.get(META_KEY) != str(VERSION):
-            raise VitcompressError(f"{path}: not a vitcompress packed file of version {VERSION}")
+        if meta.get(META_KEY) not in READABLE:
+            raise VitcompressError(f"{path}: not a vitcompress packed file (version {VERSION})")
         tensors = st_load(data)
         header = json.loads(zlib.decompress(tensors["header"].numpy().tobytes()))
         flat = tensors["data"]
@@ -782,9 +533,23 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             zlib.error) as e:  # fmt: skip
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise VitcompressError(f"corrupt packed file {path}: {msg}") from None
-    if not isinstance(header, dict) or header.get("version") != VERSION:
-        raise VitcompressError(f"{path}: not a vitcompress packed file of version {VERSION}")
+    if not isinstance(header, dict) or str(header.get("version")) not in READABLE:
+        raise VitcompressError(f"{path}: not a vitcompress packed file (version {VERSION})")
     return header, blobs
+
+
+def legacy_records(s: dict) -> list[dict]:
+    """The structure records of a version-2 file's structure dict (one entry per kind of
+    module), in the order they are rebuilt."""
+    quant = {k: s[k] for k in ("quant_linear", "quant_matmul", "int8_linear", "fused_attn")
+             if s.get(k)}  # fmt: skip
+    records = [
+        {"kind": "shrink", "structure": s.get("shrink")},
+        {"kind": "lowrank", "ranks": s.get("lowrank")},
+        {"kind": "prune", "layers": s.get("masks")},
+        {"kind": "quantize", **quant} if quant else {},
+    ]
+    return [r for r in records if r and all(v for v in r.values())]
 
 
 def _blobs_of(key: str, blobs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -803,7 +568,10 @@ def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
     try:
         config = header["config"]
         model = build_model(config["model"])
-        rebuild_structure_(model, header["structure"])
+        records = config["compression"] if header["version"] >= 3 else None
+        if records is None:  # version 2 kept the structure beside the config, in one dict
+            records = legacy_records(header["structure"])
+        rebuild_structure_(model, records, str(path))
         state: dict[str, torch.Tensor] = {}
         supports: dict[str, torch.Tensor] = {}
         for key, e in header["entries"].items():
@@ -815,13 +583,12 @@ def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
         modules = dict(model.named_modules())
         for key, spec in header["derived"].items():
             m = modules[spec["module"]]
-            # the derivation reads the layer's other tensors: load them into it first
-            for attr in ("qweight", "weight_scale", "weight_zero_point"):
-                t = state.get(f"{spec['module']}.{attr}")
-                if t is not None:
-                    setattr(m, attr, t)
+            prefix = spec["module"] + "."
+            for k, t in state.items():  # the derivation reads the layer's buffers: load them first
+                if k.startswith(prefix) and k[len(prefix) :] in m._buffers:
+                    setattr(m, k[len(prefix) :], t)
             codes = state.pop(spec["codes"]) if "codes" in spec else None
-            state[key] = _rebuild_quant_weight(spec["how"], m, codes).to(_DTYPES[spec["dtype"]])
+            state[key] = m.derived_weight(spec["how"], codes).to(_DTYPES[spec["dtype"]])
         model.load_state_dict(state, strict=True, assign=True)
     except VitcompressError as e:
         raise VitcompressError(f"corrupt packed file {path}: {e}") from None
@@ -836,11 +603,10 @@ __all__ = [
     "bytes_fp32",
     "bytes_stored",
     "decode_tensor",
-    "describe_structure",
     "encode_tensor",
+    "legacy_records",
     "load_packed",
     "pack_bits",
-    "rebuild_structure_",
     "save_packed",
     "unpack_bits",
 ]

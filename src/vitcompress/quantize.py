@@ -1,19 +1,11 @@
-"""Post-training quantization in the torchao style: ``quantize_(model, QuantizeConfig(...))``.
+"""Quantised layers: weights in any format of :mod:`vitcompress.formats`, inputs fake-quantised.
 
-Two layers of work:
-
-- Emulation (any format of :mod:`vitcompress.formats`): each selected ``nn.Linear`` becomes a
-  :class:`QuantLinear` holding its quantised weight values in fp32, the integer codes and scales a
-  packer stores, and an :class:`ActivationQuantizer` on its input. Activation ranges are
-  calibrated on data (minmax, percentile, mse), or computed per token at run time
-  (``dynamic=True``). With ``attention_matmul`` set, the inputs of Q.K^T and A.V are quantised too
-  (:class:`QuantMatMul`). The patch-embedding Conv2d stays in float: it sees the raw image and
-  is a small share of the compute.
-- Real int8 on the CPU: :func:`to_int8_` turns int8 :class:`QuantLinear` layers into
-  :class:`Int8Linear`, which runs an integer GEMM with int32 accumulation (torch's fused
-  quantized engine for static scales, ``torch._int_mm`` for per-token ones) on the same codes, so
-  its outputs equal the emulation's up to fp32 rounding: accuracy measured on the emulation is
-  the accuracy of what is timed.
+Each selected ``nn.Linear`` becomes a :class:`QuantLinear` holding its quantised weight values
+in fp32, the integer codes and scales a packer stores, and an :class:`ActivationQuantizer` on its
+input. Activation ranges are calibrated on data (minmax, percentile, mse, :func:`calibrate_`),
+or computed per token at run time (``dynamic``). :class:`QuantMatMul` quantises both inputs of
+an attention dot product. The recipe step and the verb ``quantize_(model, QuantizeConfig(...))``
+live in :mod:`vitcompress.steps.quantize`; real int8 execution in :mod:`vitcompress.int8`.
 
 Choices that are not obvious:
 
@@ -33,13 +25,9 @@ Choices that are not obvious:
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
-import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +35,6 @@ from torch import nn
 
 from vitcompress.errors import VitcompressError
 from vitcompress.formats import (
-    GRANULARITIES,
     Format,
     IntFormat,
     compute_qparams,
@@ -56,158 +43,21 @@ from vitcompress.formats import (
     expand_qparams,
     fake_quant,
     fake_quant_int,
+    float_code_table,
+    float_codes,
     get_format,
     qparams_from_minmax,
     quantize_int,
+    same_bits,
 )
-from vitcompress.models.vit import MatMul
-from vitcompress.targets import check_patterns, get_submodule_parent, name_matches, select_modules
+from vitcompress.steps.calib import run_calibration
 
-CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 # precisions for weight scales and the parameters quantize_ leaves in float ("scales", "rest")
 PARAM_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Elements kept per quantizer for percentile calibration (a random subsample of the data), and
 # the part of them the mse search scores (one clipping ratio per tensor needs few samples).
 SAMPLE_BUDGET = 2**17
 MSE_SAMPLES = 2**15
-
-
-def _fail(cls: str, key: str, value: Any, want: str) -> NoReturn:
-    raise VitcompressError(f"{cls}.{key} = {value!r}: expected {want}")
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """How activation ranges are measured: ``method`` over at most ``batches`` input batches.
-
-    ``percentile`` (used by method "percentile") is the share of ``|x|`` (both tails when
-    asymmetric) kept inside the range, in percent.
-    """
-
-    method: str = "minmax"
-    batches: int = 8
-    percentile: float = 99.99
-
-    def __post_init__(self) -> None:
-        if self.method not in CALIBRATION_METHODS:
-            _fail("calibration", "method", self.method, f"one of {', '.join(CALIBRATION_METHODS)}")
-        if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
-            _fail("calibration", "batches", self.batches, "an integer >= 1")
-        p = self.percentile
-        if isinstance(p, bool) or not isinstance(p, int | float) or not (0 < p <= 100):
-            _fail("calibration", "percentile", p, "a number in (0, 100], e.g. 99.99")
-
-
-@dataclass(frozen=True)
-class QuantizeConfig:
-    """Post-training quantization of the ``nn.Linear`` layers matched by ``targets``/``ignore``.
-
-    Args:
-        weights: a format name (``int8``, ``int4``, ``fp8_e4m3``, ``fp16``, ``tf32``, ...).
-        activations: a format name for the input of each layer, or None for weight-only.
-        granularity: of weight scales: ``per_tensor``, ``per_channel`` (per output row) or
-            ``per_group`` (runs of ``group_size`` inputs in each row).
-        group_size: for ``per_group``; the last group of a row may be shorter.
-        symmetric: signed integer formats with zero point 0 (restricted range) if True.
-        calibration: a :class:`CalibrationConfig` (or a dict of its fields).
-        dynamic: activation scales computed per token at run time; no calibration.
-        attention_matmul: ``fp32`` leaves Q.K^T and A.V alone (as both studies do); a format name
-            quantises both inputs of each (models with ``MatMul`` modules, such as ours).
-        targets, ignore: layer name patterns (globs or ``re:``), see :mod:`vitcompress.targets`.
-        scales: the precision weight scales are rounded to before the codes are computed
-            (``fp32``, ``fp16``, ``bf16``); 2-byte scales as GGUF and torchao's int4 keep them.
-        rest: the precision of every other floating-point parameter (biases, norms, position
-            embedding, class token, patch projection, layers left out of ``targets``): ``fp32``
-            keeps them, ``fp16`` / ``bf16`` round them, so a packed INT8 model stores them in 2
-            bytes instead of 4 (on a 0.8 M-parameter model they are ~10 % of the INT8 file).
-            A signed integer format (``int8``, ... ``int2``) quantises them weight-only and
-            symmetrically, with a 2-byte scale per slice along dim 0 (per output channel of the
-            patch projection) for tensors of 2 or more dimensions and one per tensor for
-            vectors; the packer finds the codes again and stores them in ``bits`` bits
-            (:func:`fake_quant_slices`).
-    """
-
-    weights: str = "int8"
-    activations: str | None = "int8"
-    granularity: str = "per_channel"
-    group_size: int = 128
-    symmetric: bool = True
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    dynamic: bool = False
-    attention_matmul: str = "fp32"
-    targets: str | list[str] = "*"
-    ignore: str | list[str] | None = None
-    scales: str = "fp32"
-    rest: str = "fp32"
-
-    def __post_init__(self) -> None:
-        if self.scales not in PARAM_PRECISIONS:
-            _fail("quantize", "scales", self.scales, f"one of {', '.join(PARAM_PRECISIONS)}")
-        if self.rest not in PARAM_PRECISIONS and rest_int_format(self.rest) is None:
-            _fail(
-                "quantize", "rest", self.rest,
-                f"one of {', '.join(PARAM_PRECISIONS)} or a signed integer format int2..int8",
-            )  # fmt: skip
-        for key in ("weights", "activations", "attention_matmul"):
-            value = getattr(self, key)
-            if value is None and key == "activations":
-                continue
-            try:
-                get_format(value)
-            except VitcompressError as e:
-                raise VitcompressError(f"quantize.{key}: {e}") from None
-        if self.granularity not in GRANULARITIES:
-            _fail("quantize", "granularity", self.granularity, f"one of {', '.join(GRANULARITIES)}")
-        gs = self.group_size
-        if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1:
-            _fail("quantize", "group_size", gs, "an integer >= 1, e.g. 128")
-        for key in ("symmetric", "dynamic"):
-            if not isinstance(getattr(self, key), bool):
-                _fail("quantize", key, getattr(self, key), "true or false")
-        cal = self.calibration
-        if isinstance(cal, dict):
-            known = {f.name for f in fields(CalibrationConfig)}
-            unknown = sorted(set(cal) - known)
-            if unknown:
-                _fail("quantize", "calibration", unknown[0], f"keys among {sorted(known)}")
-            object.__setattr__(self, "calibration", CalibrationConfig(**cal))
-        elif not isinstance(cal, CalibrationConfig):
-            _fail("quantize", "calibration", cal, "a mapping like {method: minmax, batches: 8}")
-        for key in ("targets", "ignore"):
-            value = getattr(self, key)
-            if value is None and key == "ignore":
-                continue
-            ok = isinstance(value, str) or (
-                isinstance(value, list | tuple) and all(isinstance(p, str) for p in value)
-            )
-            if not ok:
-                _fail("quantize", key, value, "a name pattern or a list of them")
-            check_patterns(value, f"quantize.{key}")
-
-    # --- the formats, with ``symmetric`` applied ------------------------------------------
-    def _fmt(self, name: str | None, narrow: bool) -> Format | None:
-        if name is None:
-            return None
-        fmt = get_format(name)
-        if isinstance(fmt, IntFormat) and not fmt.unsigned:
-            fmt = replace(fmt, symmetric=self.symmetric, narrow=narrow and self.symmetric)
-        return fmt
-
-    @property
-    def weight_format(self) -> Format:
-        """Symmetric integer weights use the narrow range (int8: [-127, 127])."""
-        return self._fmt(self.weights, narrow=True)
-
-    @property
-    def activation_format(self) -> Format | None:
-        """Symmetric integer activations use the full range (int8: [-128, 127])."""
-        return self._fmt(self.activations, narrow=False)
-
-    @property
-    def matmul_format(self) -> Format | None:
-        if self.attention_matmul == "fp32":
-            return None
-        return self._fmt(self.attention_matmul, narrow=False)
 
 
 def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -267,7 +117,7 @@ def round_rest_(model: nn.Module, rest: str) -> None:
                 p.copy_(p.to(PARAM_PRECISIONS[rest]).float())
 
 
-def _is_scaled(fmt: Format) -> bool:
+def is_scaled(fmt: Format) -> bool:
     """Integers, and floats of 8 bits or fewer, need a scale; wider floats are plain casts."""
     return isinstance(fmt, IntFormat) or fmt.bits <= 8
 
@@ -292,7 +142,7 @@ class ActivationQuantizer(nn.Module):
     ):
         super().__init__()
         self.fmt = fmt
-        self.scaled = _is_scaled(fmt)
+        self.scaled = is_scaled(fmt)
         self.dynamic = dynamic and self.scaled
         self.method = method
         self.percentile = percentile
@@ -418,7 +268,7 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight_format = weight_format
-        scaled = _is_scaled(weight_format)
+        scaled = is_scaled(weight_format)
         self.granularity = granularity if scaled else None
         self.group_size = group_size if self.granularity == "per_group" else None
         self.weight = nn.Parameter(torch.zeros(out_features, in_features), requires_grad=False)
@@ -497,6 +347,53 @@ class QuantLinear(nn.Module):
             x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
         )
 
+    # --- what a packer needs: the fp32 weight follows from the codes and scales ------------
+    def _dequant_int(self) -> torch.Tensor:
+        shape = self.qweight.shape
+        s = expand_qparams(self.weight_scale, shape, self.granularity, self.group_size)
+        z = expand_qparams(self.weight_zero_point, shape, self.granularity, self.group_size)
+        return dequantize_int(self.qweight, s, z)
+
+    def weight_derivation(self) -> tuple[str, torch.Tensor | None] | None:
+        """How ``weight`` follows from the layer's other tensors, checked bit for bit:
+        ``(how, codes)``, where ``codes`` is a uint8 tensor to store for float formats torch has
+        no dtype for (fp6, fp4, ...); None when it does not follow (then it is stored itself)."""
+        w = self.weight.detach()
+        fmt = self.weight_format
+        if isinstance(fmt, IntFormat):
+            if self.qweight is None or self.weight_scale is None or self.weight_zero_point is None:
+                return None
+            return ("dequant_int", None) if same_bits(self._dequant_int(), w) else None
+        if self.weight_scale is None:  # unscaled float: a cast
+            if self.qweight is not None and same_bits(self.qweight.float(), w):
+                return ("cast", None)
+            return None
+        s = expand_qparams(self.weight_scale, w.shape, self.granularity, self.group_size)
+        if self.qweight is not None:
+            return ("scaled_qweight", None) if same_bits(self.qweight.float() * s, w) else None
+        if fmt.bits > 8:
+            return None
+        codes = float_codes(fmt.saturating().quantize(w / s), fmt)
+        if codes is None:
+            return None
+        ref = float_code_table(fmt)[codes] * s
+        return ("scaled_codes", codes.to(torch.uint8)) if same_bits(ref, w) else None
+
+    def derived_weight(self, how: str, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """The fp32 weight that :meth:`weight_derivation` said follows from the other tensors
+        (which must be loaded first)."""
+        if how == "dequant_int":
+            return self._dequant_int()
+        if how == "cast":
+            return self.qweight.float()
+        shape = (self.out_features, self.in_features)
+        s = expand_qparams(self.weight_scale, shape, self.granularity, self.group_size)
+        if how == "scaled_qweight":
+            return self.qweight.float() * s
+        if how == "scaled_codes" and codes is not None:
+            return float_code_table(self.weight_format)[codes.long()] * s
+        raise VitcompressError(f"unknown weight derivation {how!r}")
+
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
         return (
@@ -517,290 +414,7 @@ class QuantMatMul(nn.Module):
         return self.a_quant(a) @ self.b_quant(b)
 
 
-# --- real int8 -----------------------------------------------------------------------------
-def _int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) @ int8 (K, N) -> int32, exactly."""
-    try:
-        return torch._int_mm(a, b)
-    except RuntimeError:
-        # Shapes or devices the kernel refuses (e.g. CUDA wants M > 16 and K, N multiples of 8):
-        # float64 holds every int32 sum of int8 products exactly.
-        return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int32)
-
-
-INT8_BACKENDS = ("auto", "int_mm", "fbgemm")
-
-
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo names of int8 dot products
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is missing)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return frozenset()
-
-
-def cpu_has_vnni() -> bool:
-    """Whether the CPU has VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8) integer dot products.
-
-    Without it, fbgemm's (and onnxruntime's) uint8 x int8 kernels add pairs of products in
-    saturating int16 (``vpmaddubsw``): 255 x 127 x 2 overflows, so results drift from the exact
-    integer GEMM (measured on an AVX2-only AMD EPYC: 10 % of the output range on a random toy
-    ViT, -0.04 points of top-1 on the trained Fashion-MNIST vit-nano). ``torch._int_mm``
-    stays exact there but runs ~10x slower than fbgemm, so ``backend="auto"`` keeps fbgemm for
-    speed; exact choices there are ``backend="int_mm"``, or 7-bit weights (``weights: int7``,
-    codes in [-63, 63]: 255 x 63 x 2 fits int16), with which fbgemm is exact (tested), and so
-    is onnxruntime's ``MatMulInteger`` (``benchmarks/int8_exactness.py``: 0 outputs off with
-    7-bit weights, 97 % with 8-bit ones); what then remains between onnxruntime and torch is
-    their float arithmetic outside the GEMMs.
-    """
-    return any(f in cpu_flags() for f in VNNI_FLAGS)
-
-
-def _fbgemm_pack(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-    """Our int8 codes and per-channel scales, prepacked for torch's quantized CPU engine."""
-    with warnings.catch_warnings():  # torch marks quantized tensors deprecated; still the fastest
-        warnings.simplefilter("ignore")
-        n = qweight.shape[0]
-        wq = torch._make_per_channel_quantized_tensor(
-            qweight.detach().cpu(),
-            scale.detach().reshape(-1).double().cpu(),
-            torch.zeros(n, dtype=torch.long),
-            0,
-        )
-        return torch.ops.quantized.linear_prepack(wq, None if bias is None else bias.detach())
-
-
-class Int8Linear(nn.Module):
-    """A Linear computed in integers: int8 activations x int8 weights -> int32 -> fp32.
-
-    ``y = s_x * s_w * (q_x - z_x) @ q_w^T + b`` with ``q_w`` symmetric (per output channel or
-    per tensor) and ``q_x`` quantised per tensor with calibrated qparams (static), or per token
-    at run time (dynamic: ``input_scale`` is None). Two kernels; ``backend="auto"`` takes the
-    faster one each mode allows (measured on ViT-small Linear shapes, 197 and 32 x 197 tokens,
-    one thread of an AVX512-VNNI Xeon, against fp32 ``F.linear``):
-
-    - ``fbgemm`` (static only, 2.1-2.7x): torch's quantized CPU engine quantizes the input, runs
-      the integer GEMM and rescales in one fused call, prepacked from our codes (rebuilt lazily
-      when the tensors change). The input needs no extra pass when its codes span all 256
-      values, as the full-range activations of :mod:`vitcompress.quantize` do.
-    - ``int_mm`` (static 1.4-2.5x, dynamic per token 1.1-1.8x): ``torch._int_mm`` (oneDNN,
-      int32 accumulation; any shape on the CPU) over tiles of ``tile_rows`` rows, with the
-      quantization and rescaling in eager torch around it. The only one with per-token scales,
-      and the fallback wherever fbgemm is missing.
-
-    Both see the same codes as :class:`QuantLinear` (fbgemm multiplies by 1/s where we divide
-    by s, which can move a value sitting within an ulp of a rounding tie by one code), so the
-    outputs agree with the emulation up to fp32 rounding.
-
-    Stored: ``qweight`` (Parameter, int8, (out, in), no grad: counted by ``parameters()`` at one
-    byte each), ``weight_scale`` (fp32, (out, 1)), ``bias`` (fp32), ``input_format``,
-    ``input_scale`` / ``input_zero_point`` (fp32 / int32 scalars; None when dynamic).
-    """
-
-    tile_rows = 256
-
-    def __init__(
-        self,
-        qweight: torch.Tensor,
-        weight_scale: torch.Tensor,
-        bias: torch.Tensor | None,
-        input_format: IntFormat,
-        input_scale: torch.Tensor | None = None,
-        input_zero_point: torch.Tensor | None = None,
-        backend: str = "auto",
-    ):
-        super().__init__()
-        if qweight.dtype != torch.int8 or qweight.ndim != 2:
-            raise VitcompressError("Int8Linear: qweight must be a 2-D int8 tensor")
-        if backend not in INT8_BACKENDS:
-            raise VitcompressError(f"Int8Linear: backend must be one of {INT8_BACKENDS}")
-        self.out_features, self.in_features = qweight.shape
-        self.qweight = nn.Parameter(qweight, requires_grad=False)
-        ws = weight_scale.detach().float().reshape(-1, 1).expand(self.out_features, 1).clone()
-        self.register_buffer("weight_scale", ws)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
-        self.input_format = input_format
-        s = None if input_scale is None else input_scale.detach().float().reshape(()).clone()
-        self.register_buffer("input_scale", s)
-        zp = None
-        if input_scale is not None:
-            zp = torch.zeros(()) if input_zero_point is None else input_zero_point.detach()
-            zp = zp.to(torch.int32).reshape(()).clone()
-        self.register_buffer("input_zero_point", zp)
-        if backend == "fbgemm" and self.dynamic:
-            raise VitcompressError("Int8Linear: fbgemm has no per-token scales; use int_mm")
-        self.backend = backend
-        self._packed = None  # fbgemm's prepacked weight, and the tensor versions it was made of
-        self._packed_key = None
-
-    @property
-    def dynamic(self) -> bool:
-        return self.input_scale is None
-
-    def __getstate__(self):  # the prepacked weight is a cache: rebuilt, never copied
-        return {**self.__dict__, "_packed": None, "_packed_key": None}
-
-    @classmethod
-    def from_quant_linear(
-        cls, layer: QuantLinear, name: str = "layer", backend: str = "auto"
-    ) -> Int8Linear:
-        """The integer twin of an int8 :class:`QuantLinear` (same codes and scales)."""
-        wf, aq = layer.weight_format, layer.input_quant
-        why = None
-        if not isinstance(wf, IntFormat) or wf.unsigned or not wf.symmetric:
-            kind = wf.name if getattr(wf, "symmetric", True) else f"{wf.name} asymmetric"
-            why = f"weights are {kind}; need a signed symmetric integer format"
-        elif layer.granularity not in ("per_channel", "per_tensor"):
-            why = f"weights are {layer.granularity}; need per_channel or per_tensor"
-        elif aq is None:
-            why = "it is weight-only; quantise activations too (activations='int8', dynamic=True)"
-        elif not isinstance(aq.fmt, IntFormat):
-            why = f"activations are {aq.fmt.name}; need an integer format"
-        elif aq.dynamic and aq.dim not in (-1, layer.weight.ndim - 1):
-            why = "dynamic activation scales must be per token"
-        elif not aq.dynamic and not bool(aq.calibrated):
-            why = "its activation quantizer is not calibrated"
-        if why:
-            raise VitcompressError(f"to_int8_: {name} cannot run in int8: {why}")
-        return cls(
-            layer.qweight.detach().clone(),
-            layer.weight_scale.reshape(-1, 1).expand(layer.out_features, 1),
-            None if layer.bias is None else layer.bias.detach(),
-            aq.fmt,
-            None if aq.dynamic else aq.scale,
-            None if aq.dynamic else aq.zero_point,
-            backend=backend,
-        )
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        """Per-channel symmetric int8 weights, dynamic per-token symmetric int8 activations."""
-        aq = ActivationQuantizer(IntFormat(8, narrow=False), dynamic=True)
-        ql = QuantLinear.from_linear(linear, IntFormat(8), "per_channel", input_quant=aq)
-        return cls.from_quant_linear(ql)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float()  # (M, K)
-        out = None
-        if not self.dynamic and self.backend in ("auto", "fbgemm") and x2.device.type == "cpu":
-            out = self._forward_fbgemm(x2)
-        if out is None:
-            out = self._forward_int_mm(x2)
-        return out.reshape(*lead, self.out_features).to(x.dtype)
-
-    def _forward_fbgemm(self, x2: torch.Tensor) -> torch.Tensor | None:
-        """None where the engine refuses (then int_mm runs), unless fbgemm was asked for."""
-        fmt = self.input_format
-        parts = (self.qweight, self.weight_scale, self.bias)
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in parts)
-        try:
-            if self._packed_key != key:
-                self._packed = _fbgemm_pack(self.qweight, self.weight_scale, self.bias)
-                self._packed_key = key
-            # fbgemm takes uint8 codes: ours shifted by 128 (q - z is unchanged)
-            shift = 0 if fmt.unsigned else 128
-            s, z = float(self.input_scale), int(self.input_zero_point) + shift
-            if (fmt.qmin + shift, fmt.qmax + shift) != (0, 255):  # e.g. a narrow [-127, 127]
-                x2 = x2.clamp(s * (fmt.qmin + shift - z), s * (fmt.qmax + shift - z))
-            op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-            return op(x2.contiguous(), s, z, self._packed)
-        except (RuntimeError, AttributeError):
-            if self.backend == "fbgemm":
-                raise
-            self.backend = "int_mm"  # this engine cannot: do not try again
-            return None
-
-    def _forward_int_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        fmt = self.input_format
-        # int_mm wants int8: codes of a format that reaches past 127 are shifted by -128.
-        shift = 128 if fmt.qmax > 127 else 0
-        qmin, qmax = fmt.qmin - shift, fmt.qmax - shift
-        M, K = x2.shape
-        asym = not fmt.symmetric
-        out = torch.empty(M, self.out_features, dtype=torch.float32, device=x2.device)
-        if M == 0:
-            return out
-        wq_t = self.qweight.t()  # (K, N); _int_mm reads the transposed view without a copy
-        w_scale = self.weight_scale.reshape(1, -1)  # (1, N)
-        colsum = self.qweight.sum(dim=1, dtype=torch.int32).reshape(1, -1) if asym else None
-        # Everything runs per tile of rows, in work buffers reused across tiles: the tile stays
-        # in cache from quantization to rescaling, and no large temporary is allocated (fresh
-        # memory costs page faults). Same operations as formats.quantize_int, so same codes.
-        T = min(self.tile_rows, M)
-        work = torch.empty(T, K, dtype=torch.float32, device=x2.device)
-        codes = torch.empty(T, K, dtype=torch.int8, device=x2.device)
-        for i in range(0, M, T):
-            xt = x2[i : i + T]  # (t, K)
-            t = xt.shape[0]
-            if self.dynamic:
-                s, z = dynamic_qparams(xt, fmt, dim=-1)  # (t, 1) each
-            else:
-                s, z = self.input_scale, self.input_zero_point  # ()
-            w, q = work[:t], codes[:t]
-            torch.div(xt, s, out=w).round_()
-            if asym:
-                w.add_(z - shift)
-            q.copy_(w.clamp_(qmin, qmax))
-            acc = _int8_mm(q, wq_t)  # (t, N) int32
-            if asym:
-                acc.sub_((z - shift) * colsum)
-            o = out[i : i + t]
-            o.copy_(acc)
-            o.mul_(s)
-            if self.bias is None:
-                o.mul_(w_scale)
-            else:
-                torch.addcmul(self.bias, o, w_scale, out=o)
-        return out
-
-    def extra_repr(self) -> str:
-        act = "dynamic per-token" if self.dynamic else "static per-tensor"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"{self.input_format.name} {act}, backend={self.backend}"
-        )
-
-
-# --- the verbs -----------------------------------------------------------------------------
-def _matmuls(model: nn.Module, config: QuantizeConfig) -> list[tuple[str, nn.Module]]:
-    def listed(n: str, patterns) -> bool:
-        pats = [patterns] if isinstance(patterns, str) else list(patterns or [])
-        return any(name_matches(n, p) for p in pats)
-
-    found = [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, MatMul) and listed(n, config.targets) and not listed(n, config.ignore)
-    ]
-    if not found:
-        raise VitcompressError(
-            f"quantize.attention_matmul = {config.attention_matmul!r}, but no attention MatMul "
-            "module matches the targets (models whose attention calls torch.matmul inline cannot "
-            "quantise it); use attention_matmul: fp32"
-        )
-    return found
-
-
-def _run_batch(model: nn.Module, batch: Any, device: torch.device) -> None:
-    if isinstance(batch, list | tuple):
-        batch = batch[0]
-    if isinstance(batch, dict):
-        model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-    elif torch.is_tensor(batch):
-        model(batch.to(device))
-    else:
-        raise VitcompressError(
-            f"calib_data yields {type(batch).__name__}; expected tensors, (x, y) tuples or dicts"
-        )
-
-
+# --- calibration ---------------------------------------------------------------------------
 def calibrate_(model: nn.Module, calib_data: Iterable, batches: int = 8) -> None:
     """Run up to ``batches`` batches through ``model`` and freeze every observing quantizer."""
     quantizers = [
@@ -812,101 +426,10 @@ def calibrate_(model: nn.Module, calib_data: Iterable, batches: int = 8) -> None
         return
     for _, q in quantizers:
         q.start_observing(batches)
-    was_training = model.training
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
     try:
-        seen = 0
-        with torch.no_grad():
-            for batch in itertools.islice(calib_data, batches):  # never pulls one batch more
-                _run_batch(model, batch, device)
-                seen += 1
-        if seen == 0:
-            raise VitcompressError("calib_data yielded no batches")
+        run_calibration(model, calib_data, batches)
         for n, q in quantizers:
             q.freeze(n)
     finally:
         for _, q in quantizers:
             q.observing = False
-        model.train(was_training)
-
-
-def quantize_(
-    model: nn.Module,
-    config: QuantizeConfig,
-    calib_data: Iterable | None = None,
-    *,
-    calibrate: bool = True,
-) -> None:
-    """Quantise ``model`` in place as ``config`` says (module docstring).
-
-    Args:
-        calib_data: input batches (tensors, ``(x, y, ...)`` tuples, or dicts of keyword inputs)
-            for static activation ranges; at most ``config.calibration.batches`` are used.
-        calibrate: False only builds the quantised structure, e.g. before loading the state dict
-            of a model that was calibrated earlier.
-
-    Raises:
-        VitcompressError: a pattern that matches nothing, static activations without
-            ``calib_data``, attention quantization on a model without MatMul modules; all before
-            the model is changed.
-    """
-    if not isinstance(config, QuantizeConfig):
-        raise VitcompressError(f"quantize_ needs a QuantizeConfig, got {type(config).__name__}")
-    layers = select_modules(model, config.targets, config.ignore, (nn.Linear,), "quantize.targets")
-    mm_fmt = config.matmul_format
-    matmuls = _matmuls(model, config) if mm_fmt is not None else []
-    wfmt, afmt = config.weight_format, config.activation_format
-    cal = config.calibration
-    needs_data = not config.dynamic and (
-        (afmt is not None and _is_scaled(afmt)) or (mm_fmt is not None and _is_scaled(mm_fmt))
-    )
-    if needs_data and calibrate and calib_data is None:
-        raise VitcompressError(
-            "static activation quantization needs calib_data (a few input batches); "
-            "or set dynamic: true, or activations: null for weight-only"
-        )
-
-    def act(fmt: Format, dim: int = -1) -> ActivationQuantizer:
-        return ActivationQuantizer(fmt, config.dynamic, cal.method, cal.percentile, dim)
-
-    for name, linear in layers:
-        aq = act(afmt) if afmt is not None else None
-        new = QuantLinear.from_linear(
-            linear, wfmt, config.granularity, config.group_size, aq,
-            PARAM_PRECISIONS[config.scales],
-        )  # fmt: skip
-        _replace(model, name, new)
-    round_rest_(model, config.rest)
-    for name, _ in matmuls:
-        parent, _ = get_submodule_parent(model, name)
-        if hasattr(parent, "fused_attn"):
-            parent.fused_attn = False  # route attention through the MatMul modules
-        _replace(model, name, QuantMatMul(act(mm_fmt, -1), act(mm_fmt, -2)))
-    if needs_data and calibrate:
-        calibrate_(model, calib_data, cal.batches)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, attr = get_submodule_parent(model, name)
-    old = getattr(parent, attr)
-    new.train(old.training)
-    setattr(parent, attr, new)
-
-
-def to_int8_(
-    model: nn.Module,
-    targets: str | list[str] = "*",
-    ignore: str | list[str] | None = None,
-    backend: str = "auto",
-) -> None:
-    """Replace int8-capable :class:`QuantLinear` layers by :class:`Int8Linear` (real int8 GEMM).
-
-    Needs signed symmetric integer weights (per channel or per tensor) and integer activations
-    (static per tensor, or dynamic per token). Raises, naming the layer, for any matched layer
-    that cannot be converted; ``ignore`` it to keep it emulated.
-    """
-    layers = select_modules(model, targets, ignore, (QuantLinear,), "to_int8_.targets")
-    new = [(n, Int8Linear.from_quant_linear(m, n, backend)) for n, m in layers]  # checks first
-    for n, m in new:
-        _replace(model, n, m)

@@ -11,7 +11,7 @@ Orientation and format measured on this project's CPU (one Xeon core, AVX-512, t
 Without tiling, the speed-up fell with the token count (1576 tokens: 0.76x at 90 %); 128-token
 tiles restore most of it. The speed-up over dense is roughly ``1 / (SPARSE_COST * density)``
 with ``SPARSE_COST`` about 5.5, i.e. sparse wins above about 82 % sparsity; the issue measured
-0.36x at 50 %, 1.6x at 90 %, 5.3x at 95 % and 9x at 97 %. :func:`sparsify_for_inference_`
+0.36x at 50 %, 1.6x at 90 %, 5.3x at 95 % and 9x at 97 %. :func:`sparsify_for_inference`
 converts only the layers where the kernel wins, by measuring each layer on its real input
 shape (given an example input) or by that cost model.
 """
@@ -46,6 +46,8 @@ class SparseLinear(nn.Module):
         bias: fp32 ``(out,)`` or None.
         chunk: tokens per tile of the product.
     """
+
+    execution_only = True  # a form to run, not to store: pack the pruned model instead
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int = 128):
         super().__init__()
@@ -136,7 +138,7 @@ def _layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> 
     return seen
 
 
-def sparsify_for_inference_(
+def sparsify_for_inference(
     model: nn.Module,
     min_sparsity: float = 0.8,
     example_input: torch.Tensor | None = None,
@@ -145,7 +147,8 @@ def sparsify_for_inference_(
     ignore: Patterns = None,
     iters: int = 7,
 ) -> dict[str, dict]:
-    """Replace pruned Linears by :class:`SparseLinear` where that is faster, in place.
+    """Replace pruned Linears by :class:`SparseLinear` where that is faster, in place, and say
+    where it did.
 
     A layer is a candidate when its weight has at least ``min_sparsity`` exact zeros. With
     ``example_input`` each candidate is timed dense and sparse on the input it really gets;
@@ -202,6 +205,6 @@ __all__ = [
     "SparseLinear",
     "measure_speedup",
     "predicted_speedup",
-    "sparsify_for_inference_",
+    "sparsify_for_inference",
     "summary",
 ]

@@ -23,19 +23,20 @@ pruning or a custom optimizer can still move them; enforcing after the step is t
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vitcompress.errors import VitcompressError
-from vitcompress.targets import Patterns, check_patterns, select_modules
+from vitcompress.targets import select_modules
+
+if TYPE_CHECKING:
+    from vitcompress.steps.prune import PruneConfig
 
 MASK = "weight_mask"
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -45,7 +46,7 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 # --------------------------------------------------------------------------------------------
 
 
-def _check_sparsity(sparsity: float, what: str = "sparsity") -> None:
+def check_sparsity(sparsity: float, what: str = "sparsity") -> None:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise VitcompressError(f"{what} must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= sparsity < 1.0:
@@ -99,7 +100,7 @@ def score_mask(
     Returns:
         A bool tensor of the shape of ``scores``, ``True`` where the weight is kept.
     """
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     s = _masked_scores(scores, mask)
     if not per_row:
         keep = _keep_top(s.flatten(), s.numel() - n_pruned(s.numel(), sparsity))
@@ -134,7 +135,7 @@ def global_magnitude_masks(
     Layers may end up with very different sparsities (a layer can even be pruned entirely); ties
     are broken by the order of ``weights`` then by flat index.
     """
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     if not weights:
         raise VitcompressError("global pruning needs at least one layer")
     masks = masks or {}
@@ -249,10 +250,6 @@ def cubic_sparsity(
     return float(final + (initial - final) * (1.0 - k / n_steps) ** 3)
 
 
-# --------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------
-
 _NM = re.compile(r"(\d+):(\d+)")
 
 
@@ -272,161 +269,6 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
             f"(e.g. '2:4')"
         )
     return n, m
-
-
-def _check_int(value: object, what: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise VitcompressError(f"{what} must be an integer >= {low}, got {value!r}")
-
-
-def _as_patterns(value: Patterns) -> str | tuple[str, ...] | None:
-    return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """What to prune, how much, and when.
-
-    Attributes:
-        sparsity: final fraction of zeros per layer (or overall for ``scope="global"``), in
-            [0, 1). Required for ``"unstructured"``; for ``"N:M"`` it is ``1 - N/M`` and may be
-            omitted (if given it must agree).
-        pattern: ``"unstructured"`` or ``"N:M"`` (``"2:4"`` keeps 2 of every 4 along the input
-            dimension).
-        scope: ``"layer"`` (every layer reaches ``sparsity``) or ``"global"`` (one magnitude
-            threshold across the selected layers; unstructured magnitude only).
-        schedule: ``"oneshot"`` (:func:`prune_`, or :class:`GradualPruner` at ``start_step``) or
-            ``"cubic"`` (Zhu & Gupta, with :class:`GradualPruner` during fine-tuning).
-        initial_sparsity: ``s_i`` of the cubic schedule, in [0, sparsity].
-        start_step: ``t0``, the first pruning step.
-        n_steps: ``n``, the number of pruning intervals of the cubic schedule (required for it).
-        frequency: ``dt``, optimizer steps between two pruning steps.
-        method: ``"magnitude"`` (smallest ``|w|``) or ``"wanda"`` (smallest ``|w| * ||x||`` per
-            output row, one shot, needs calibration data).
-        targets: module name patterns (globs or ``re:``). The default ``"blocks.*"`` selects
-            every Linear inside the encoder blocks (qkv, proj, fc1, fc2) and leaves the patch
-            embedding and the classifier heads dense, as sparsity studies usually do. Conv2d
-            layers can be selected by name too (``patch_embed.proj``).
-        ignore: name patterns to leave out.
-    """
-
-    sparsity: float | None = None
-    pattern: str = "unstructured"
-    scope: str = "layer"
-    schedule: str = "oneshot"
-    initial_sparsity: float = 0.0
-    start_step: int = 0
-    n_steps: int | None = None
-    frequency: int = 1
-    method: str = "magnitude"
-    targets: Patterns = "blocks.*"
-    ignore: Patterns = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "targets", _as_patterns(self.targets))
-        object.__setattr__(self, "ignore", _as_patterns(self.ignore))
-        nm = parse_pattern(self.pattern)
-        if self.sparsity is not None:
-            _check_sparsity(self.sparsity, "prune.sparsity")
-        if nm is None and self.sparsity is None:
-            raise VitcompressError(
-                "prune.sparsity is required for unstructured pruning (a number in [0, 1), e.g. 0.5)"
-            )
-        if nm is not None and self.sparsity is not None:
-            implied = 1.0 - nm[0] / nm[1]
-            if abs(self.sparsity - implied) > 1e-9:
-                raise VitcompressError(
-                    f"prune.sparsity {self.sparsity} contradicts pattern {self.pattern!r}, which "
-                    f"means sparsity {implied:g}; drop sparsity or make them agree"
-                )
-        if self.scope not in ("layer", "global"):
-            raise VitcompressError(f"prune.scope must be 'layer' or 'global', got {self.scope!r}")
-        if self.schedule not in ("oneshot", "cubic"):
-            raise VitcompressError(
-                f"prune.schedule must be 'oneshot' or 'cubic', got {self.schedule!r}"
-            )
-        if self.method not in ("magnitude", "wanda"):
-            raise VitcompressError(
-                f"prune.method must be 'magnitude' or 'wanda', got {self.method!r}"
-            )
-        if nm is not None and self.scope == "global":
-            raise VitcompressError(
-                f"prune.scope 'global' does not apply to pattern {self.pattern!r}: N:M keeps N "
-                f"of every M weights in each layer; use scope 'layer'"
-            )
-        if self.method == "wanda" and self.scope == "global":
-            raise VitcompressError(
-                "prune.method 'wanda' compares weights within each output row; use scope 'layer'"
-            )
-        if self.method == "wanda" and self.schedule != "oneshot":
-            raise VitcompressError("prune.method 'wanda' prunes one shot; use schedule 'oneshot'")
-        if nm is not None and self.schedule != "oneshot":
-            raise VitcompressError(
-                f"prune.pattern {self.pattern!r} is applied one shot (then fine-tuned); use "
-                f"schedule 'oneshot'"
-            )
-        _check_sparsity(self.initial_sparsity, "prune.initial_sparsity")
-        _check_int(self.start_step, "prune.start_step", 0)
-        _check_int(self.frequency, "prune.frequency", 1)
-        if self.schedule == "cubic":
-            if self.n_steps is None:
-                raise VitcompressError(
-                    "prune.schedule 'cubic' needs n_steps (pruning intervals, >= 1) and "
-                    "frequency (steps between prunings)"
-                )
-            _check_int(self.n_steps, "prune.n_steps", 1)
-            if self.initial_sparsity > self.target_sparsity:
-                raise VitcompressError(
-                    f"prune.initial_sparsity {self.initial_sparsity} must be <= sparsity "
-                    f"{self.target_sparsity}"
-                )
-        else:
-            if self.n_steps is not None or self.initial_sparsity != 0.0:
-                raise VitcompressError(
-                    "prune.n_steps and prune.initial_sparsity only apply to schedule 'cubic'"
-                )
-        check_patterns(self.targets, "prune.targets")
-        check_patterns(self.ignore, "prune.ignore")
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        """``(N, M)`` for an N:M pattern, None for unstructured."""
-        return parse_pattern(self.pattern)
-
-    @property
-    def target_sparsity(self) -> float:
-        """The final sparsity: ``sparsity``, or ``1 - N/M`` for an N:M pattern."""
-        nm = self.nm
-        return float(self.sparsity) if nm is None else 1.0 - nm[0] / nm[1]
-
-    def sparsity_at(self, step: int) -> float:
-        """The scheduled sparsity at optimizer ``step``."""
-        if self.schedule == "cubic":
-            return cubic_sparsity(
-                step,
-                self.initial_sparsity,
-                self.target_sparsity,
-                self.start_step,
-                self.n_steps,  # type: ignore[arg-type]
-                self.frequency,
-            )
-        return self.target_sparsity if step >= self.start_step else 0.0
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> PruneConfig:
-        """Build from a recipe mapping; unknown keys are an error."""
-        return cls(**_known_keys(cls, d, "prune"))
-
-
-def _known_keys(cls: type, d: Mapping, what: str) -> dict:
-    valid = [f.name for f in fields(cls)]
-    unknown = [k for k in d if k not in valid]
-    if unknown:
-        raise VitcompressError(
-            f"{what}: unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"valid keys: {', '.join(valid)}"
-        )
-    return dict(d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,13 +317,6 @@ def enforce_masks_(model: nn.Module) -> None:
                 module.weight.masked_fill_(~mask, 0)
 
 
-def remove_masks_(model: nn.Module) -> None:
-    """Drop the ``weight_mask`` buffers (the weights keep their zeros), e.g. before export."""
-    for module in model.modules():
-        if MASK in module._buffers:
-            del module._buffers[MASK]
-
-
 def masks_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{module name: mask}`` from the ``<name>.weight_mask`` entries of a state dict.
 
@@ -517,89 +352,6 @@ def register_mask_hooks(model: nn.Module) -> list[RemovableHandle]:
     return handles
 
 
-def _batches(calib_data: Iterable) -> Iterable[torch.Tensor]:
-    for batch in calib_data:
-        if isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        if isinstance(batch, Mapping):
-            batch = batch.get("pixel_values", batch.get("x"))
-        if not isinstance(batch, torch.Tensor):
-            raise VitcompressError(
-                f"calibration batches must be tensors or (inputs, labels) pairs, got "
-                f"{type(batch).__name__}"
-            )
-        yield batch
-
-
-def observe_inputs(
-    model: nn.Module,
-    layers: Mapping[str, nn.Module],
-    calib_data: Iterable,
-    observe: Callable[[str, nn.Module, torch.Tensor], None],
-    max_batches: int | None = None,
-) -> None:
-    """Run ``model`` (eval mode, no gradients) over at most ``max_batches`` calibration batches
-    and call ``observe(name, module, input)`` with the input of each of ``layers``.
-
-    Raises:
-        VitcompressError: a layer the data never reached (empty data, or an unused layer).
-    """
-    seen: set[str] = set()
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            seen.add(name)
-            observe(name, module, inputs[0].detach())
-
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
-    was_training = model.training
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x in itertools.islice(_batches(calib_data), max_batches):
-                model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    missing = [n for n in layers if n not in seen]
-    if missing:
-        raise VitcompressError(
-            f"calibration data never reached layer {missing[0]!r} (empty data, or an unused layer)"
-        )
-
-
-def activation_norms(
-    model: nn.Module, layers: Mapping[str, nn.Module], calib_data: Iterable
-) -> dict[str, torch.Tensor]:
-    """L2 norm of every input feature of ``layers`` over all tokens of ``calib_data``.
-
-    One forward pass of the dense model (Wanda's per-block sequential recalibration is not done:
-    it needs the model's block structure). For a Conv2d the features are the unfolded patches
-    (``in*kh*kw``). Returns float64 tensors.
-    """
-    sums: dict[str, torch.Tensor] = {}
-
-    def observe(name: str, module: nn.Module, x: torch.Tensor) -> None:
-        if isinstance(module, nn.Conv2d):
-            if module.groups != 1 or isinstance(module.padding, str):
-                raise VitcompressError(
-                    f"{name}: wanda supports Conv2d with groups=1 and numeric padding only"
-                )
-            x = F.unfold(
-                x, module.kernel_size, module.dilation, module.padding, module.stride
-            ).transpose(1, 2)  # (B, L, C*kh*kw)
-        x = x.reshape(-1, x.shape[-1]).double()  # (tokens, in)
-        sq = (x * x).sum(0)  # (in,)
-        sums[name] = sq if name not in sums else sums[name] + sq
-
-    observe_inputs(model, layers, calib_data, observe)
-    return {n: s.sqrt() for n, s in sums.items()}
-
-
 def compute_masks(
     layers: Mapping[str, nn.Module],
     config: PruneConfig,
@@ -628,32 +380,9 @@ def compute_masks(
     return out
 
 
-def _achieved(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+def achieved_sparsity(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """``{layer: fraction of its weights a mask prunes}``."""
     return {n: 1.0 - int(m.sum()) / m.numel() for n, m in masks.items()}
-
-
-def prune_(
-    model: nn.Module, config: PruneConfig, calib_data: Iterable | None = None
-) -> dict[str, float]:
-    """Prune the selected layers one shot, in place; returns ``{layer: achieved sparsity}``.
-
-    Masks become ``weight_mask`` buffers and the pruned weights exact zeros. Layers that already
-    carry a mask are pruned monotonically (their pruned weights stay pruned). ``calib_data`` (an
-    iterable of input batches or ``(inputs, labels)`` pairs) is needed by ``method="wanda"``.
-    """
-    if config.schedule != "oneshot":
-        raise VitcompressError(
-            "prune.schedule 'cubic' prunes during fine-tuning: use GradualPruner(model, config)"
-        )
-    layers = select_prunable(model, config)
-    norms = None
-    if config.method == "wanda":
-        if calib_data is None:
-            raise VitcompressError("prune.method 'wanda' needs calibration data (calib_data)")
-        norms = activation_norms(model, layers, calib_data)
-    masks = compute_masks(layers, config, config.target_sparsity, norms)
-    apply_masks_(model, masks)
-    return _achieved(masks)
 
 
 class GradualPruner:
@@ -717,7 +446,7 @@ class GradualPruner:
 
     def report(self) -> dict[str, float]:
         """``{layer: fraction of weights pruned by its mask}``."""
-        return _achieved({n: m._buffers[MASK] for n, m in self.layers.items()})
+        return achieved_sparsity({n: m._buffers[MASK] for n, m in self.layers.items()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -746,11 +475,11 @@ def count_nonzero(model: nn.Module) -> int:
 
 __all__ = [
     "GradualPruner",
-    "PruneConfig",
-    "activation_norms",
+    "achieved_sparsity",
     "apply_masks_",
     "compute_masks",
     "count_nonzero",
+    "check_sparsity",
     "cubic_sparsity",
     "enforce_masks_",
     "get_masks",
@@ -760,9 +489,7 @@ __all__ = [
     "n_pruned",
     "nm_mask",
     "parse_pattern",
-    "prune_",
     "register_mask_hooks",
-    "remove_masks_",
     "score_mask",
     "select_prunable",
     "sparsity_report",

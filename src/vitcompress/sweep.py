@@ -90,10 +90,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from vitcompress.data import AUGMENT_MODES
+from vitcompress.config import load_yaml
 from vitcompress.errors import VitcompressError
+from vitcompress.train import TrainConfig
 
 BUILTIN = ("smoke", "seed", "seed-full")
 DB_NAME = "results.sqlite"
@@ -102,21 +101,13 @@ TOP_KEYS = (
     "models", "recipes",
 )  # fmt: skip
 RECIPE_KEYS = ("name", "description", "grid", "steps", "models")
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "epochs": 5,
-    "lr": 1e-3,
-    "batch_size": 128,
-    "weight_decay": 0.05,
-    "warmup_epochs": 1.0,
-    "label_smoothing": 0.1,
-    "augment": True,
-    "img_size": None,
-    "patch_size": None,
-    "drop_path": 0.0,
-    "distill_alpha": 0.5,
-    "distill_tau": 3.0,
-    "amp": None,
-}
+# The training settings a study's model may set, with TrainConfig's defaults. A baseline's
+# hash is taken over exactly these, so adding a key here would rename every baseline.
+TRAIN_KEYS = (
+    "epochs", "lr", "batch_size", "weight_decay", "warmup_epochs", "label_smoothing", "augment",
+    "img_size", "patch_size", "drop_path", "distill_alpha", "distill_tau", "amp",
+)  # fmt: skip
+TRAIN_DEFAULTS: dict[str, Any] = {k: getattr(TrainConfig(), k) for k in TRAIN_KEYS}
 MODEL_KEYS = ("preset", "run", "teacher", "distill", "limit", *TRAIN_DEFAULTS)
 BUILTIN_VARS = ("distill", "teacher", "model")
 TEACHER_MARK = "@baseline:"  # a teacher reference inside a recipe, resolved to a path at run time
@@ -171,24 +162,6 @@ def band_order(band: str | None) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML with ``1e-3`` read as a float (YAML 1.1 wants ``1.0e-3``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
 def builtin_study_path(name: str) -> Path:
     return Path(str(resources.files("vitcompress.studies").joinpath(f"{name}.yaml")))
 
@@ -203,11 +176,7 @@ def load_study(study: str | Path) -> tuple[dict, str]:
             raise VitcompressError(
                 f"study not found: {study} (a YAML file, or a built-in: {', '.join(BUILTIN)})"
             )
-    try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        first = str(e).replace("\n", " ")
-        raise VitcompressError(f"{path}: not valid YAML ({first})") from None
+    data = load_yaml(path, "study")
     if not isinstance(data, Mapping):
         raise VitcompressError(f"{path}: a study is a mapping with 'models' and 'recipes'")
     return dict(data), str(path)
@@ -292,25 +261,10 @@ def _is_int(v: Any) -> bool:
 
 
 def _check_train(train: dict, where: str) -> None:
-    for k in ("epochs", "batch_size"):
-        if not _is_int(train[k]) or train[k] < 1:
-            raise VitcompressError(f"{where}: {k} must be an integer >= 1, got {train[k]!r}")
-    for k in ("img_size", "patch_size"):
-        if train[k] is not None and (not _is_int(train[k]) or train[k] < 1):
-            raise VitcompressError(f"{where}: {k} must be an integer >= 1, got {train[k]!r}")
-    for k in ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "drop_path",
-              "distill_alpha", "distill_tau"):  # fmt: skip
-        v = train[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise VitcompressError(f"{where}: {k} must be a number >= 0, got {v!r}")
-    if not train["lr"] > 0:
-        raise VitcompressError(f"{where}: lr must be > 0, got {train['lr']!r}")
-    if train["amp"] not in (None, "bf16", "fp16"):
-        raise VitcompressError(f"{where}: amp must be bf16, fp16 or null, got {train['amp']!r}")
-    if not isinstance(train["augment"], bool) and train["augment"] not in AUGMENT_MODES:
-        raise VitcompressError(
-            f"{where}: augment must be true, false or one of {', '.join(AUGMENT_MODES)}"
-        )
+    try:
+        TrainConfig(**train)
+    except VitcompressError as e:
+        raise VitcompressError(f"{where}: {e}") from None
 
 
 def _resolve_models(
@@ -538,7 +492,7 @@ def expand_study(study: str | Path | dict, data: str | None = None) -> Study:
     ``data`` replaces the study's data spec(s). Any problem is a one-line
     :class:`VitcompressError` naming the file and the key.
     """
-    from vitcompress.recipe import parse_recipe
+    from vitcompress.steps.recipe import parse_recipe
 
     if isinstance(study, Mapping):
         doc, src = dict(study), "study"
@@ -783,7 +737,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _train_baseline(task: dict) -> dict:
-    from vitcompress.models.checkpoints import METRICS, TRAIN_STATE, read_json
+    from vitcompress.runs import METRICS, TRAIN_STATE, read_json
     from vitcompress.workflows import train_run
 
     out = Path(task["dir"])
@@ -792,31 +746,16 @@ def _train_baseline(task: dict) -> dict:
             return read_json(out / METRICS)
         b = task["baseline"]
         resume = (out / TRAIN_STATE).is_file() and (out / "config.json").is_file()
-        tr = dict(b["train"])
         return train_run(
-            model=b["preset"],
-            data=b["data"],
-            out=out,
-            epochs=tr["epochs"],
-            batch_size=tr["batch_size"],
-            lr=tr["lr"],
-            weight_decay=tr["weight_decay"],
-            warmup_epochs=tr["warmup_epochs"],
-            label_smoothing=tr["label_smoothing"],
-            img_size=tr["img_size"],
-            patch_size=tr["patch_size"],
+            b["preset"],
+            b["data"],
+            out,
+            TrainConfig(**b["train"], distill=b["distill"], seed=b["seed"]),
             teacher=Path(task["teacher_dir"]) if task.get("teacher_dir") else None,
-            distill=b["distill"],
-            distill_alpha=tr["distill_alpha"],
-            distill_tau=tr["distill_tau"],
-            augment=tr["augment"],
-            seed=b["seed"],
             limit=b["limit"],
             resume=resume,
             force=not resume,
             device=task["device"],
-            drop_path=tr["drop_path"],
-            amp=tr["amp"],
         )
 
 
@@ -1148,7 +1087,7 @@ def _check_data_paths(st: Study) -> None:
 
 def _needed_baselines(st: Study, pending: list[RunSpec], out: Path) -> list[Baseline]:
     """Baselines the pending runs need that are not trained yet, teachers before students."""
-    from vitcompress.models.checkpoints import METRICS
+    from vitcompress.runs import METRICS
 
     order: list[Baseline] = []
 
@@ -1173,7 +1112,7 @@ def _run_baselines(
     st: Study, needed: list[Baseline], out: Path, ex, bar
 ) -> tuple[dict[str, str], dict[str, dict]]:
     """Train the baselines (in waves: a student waits for its teacher); errors by hash."""
-    from vitcompress.models.checkpoints import METRICS
+    from vitcompress.runs import METRICS
 
     errors: dict[str, str] = {}
     metrics: dict[str, dict] = {}

@@ -86,8 +86,11 @@ def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` in place of the submodule called ``name``."""
+    """Put ``new`` in place of the submodule called ``name``, in the old one's train/eval mode."""
     parent, attr = get_submodule_parent(model, name)
+    old = getattr(parent, attr, None)
+    if isinstance(old, nn.Module):
+        new.train(old.training)
     setattr(parent, attr, new)
 
 

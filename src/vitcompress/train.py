@@ -10,9 +10,9 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,53 +20,98 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from vitcompress.config import (
+    build_config,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_number,
+    is_number,
+)
 from vitcompress.distill import DISTILL_KINDS, distillation_loss
 from vitcompress.errors import VitcompressError
-from vitcompress.models.checkpoints import (
-    METRICS,
-    TRAIN_STATE,
-    atomic_write_bytes,
-    save_run,
-)
 
 AfterStep = Callable[[int], None]
+# Called after every epoch with (epochs done, model, optimizer, progress): where a run directory
+# gets its checkpoint and resume state (workflows.train_run), so this loop writes no files.
+OnEpochEnd = Callable[[int, nn.Module, torch.optim.Optimizer, dict], None]
+
+# The settings of a fine-tune differ from those of a training from scratch only here; the
+# recipe's ``finetune`` step builds its TrainConfig with :meth:`TrainConfig.for_finetune`.
+FINETUNE_DEFAULTS: dict[str, Any] = {"epochs": 1, "lr": 1e-4, "warmup_epochs": 0.0}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """How a model is trained or fine-tuned: the one place that holds these defaults.
+
+    The CLI's ``train`` options, a study's model settings and a recipe's ``finetune`` step are
+    all fields of this class. ``augment``, ``img_size``, ``patch_size`` and ``drop_path`` shape
+    the data and the model that :func:`vitcompress.workflows.train_run` builds; the others drive
+    :func:`train`.
+    """
+
     epochs: int = 5
     batch_size: int = 128
     lr: float = 1e-3
-    min_lr: float = 1e-5
+    min_lr: float = 1e-5  # the end of the cosine schedule
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     clip_grad: float | None = 1.0
+    max_steps: int | None = None  # stop after this many optimizer steps (a fine-tuning budget)
+    amp: str | None = None  # "bf16" (CPU or CUDA) or "fp16" (CUDA): autocast forward passes
+    eval_every: int = 1  # evaluate on the test split every N epochs (and always at the end)
+    seed: int = 0
     distill: str | None = None  # "soft" | "hard" | None
     distill_alpha: float = 0.5
     distill_tau: float = 3.0
-    seed: int = 0
-    eval_every: int = 1  # evaluate on the test split every N epochs (and always at the end)
-    max_steps: int | None = None  # stop after this many optimizer steps (a fine-tuning budget)
-    amp: str | None = None  # "bf16" (CPU or CUDA) or "fp16" (CUDA): autocast forward passes
+    augment: bool | str = True  # True is "crop+flip"; see vitcompress.data.AUGMENT_MODES
+    img_size: int | None = None  # None: the data's native size
+    patch_size: int | None = None  # None: the preset's
+    drop_path: float = 0.0  # stochastic depth rate (ViT)
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise VitcompressError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise VitcompressError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise VitcompressError(f"lr must be > 0, got {self.lr}")
-        if self.distill is not None and self.distill not in DISTILL_KINDS:
+        from vitcompress.data import AUGMENT_MODES
+
+        check_int(self.epochs, "epochs", 1)
+        check_int(self.batch_size, "batch_size", 1)
+        check_number(self.lr, "lr", positive=True)
+        check_number(self.min_lr, "min_lr", 0)
+        for k in ("weight_decay", "warmup_epochs", "drop_path", "distill_tau"):
+            check_number(getattr(self, k), k, 0)
+        check_number(self.clip_grad, "clip_grad", 0, optional=True)
+        check_int(self.max_steps, "max_steps", 1, optional=True)
+        check_int(self.eval_every, "eval_every", 1)
+        check_int(self.seed, "seed")
+        check_int(self.img_size, "img_size", 1, optional=True)
+        check_int(self.patch_size, "patch_size", 1, optional=True)
+        check_choice(self.amp, (None, "bf16", "fp16"), "amp")
+        check_choice(self.distill, (None, *DISTILL_KINDS), "distill")
+        check_fraction(self.distill_alpha, "distill_alpha", closed=True)
+        check_fraction(self.label_smoothing, "label_smoothing")
+        if self.drop_path >= 1:
+            raise VitcompressError(f"drop_path must be < 1, got {self.drop_path!r}")
+        if not isinstance(self.augment, bool) and self.augment not in AUGMENT_MODES:
             raise VitcompressError(
-                f"distill must be one of {', '.join(DISTILL_KINDS)}, got {self.distill!r}"
+                f"augment must be true, false or one of {', '.join(AUGMENT_MODES)}, "
+                f"got {self.augment!r}"
             )
-        if not 0 <= self.distill_alpha <= 1:
-            raise VitcompressError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
-        if self.amp not in (None, "bf16", "fp16"):
-            raise VitcompressError(f"amp must be 'bf16' or 'fp16', got {self.amp!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise VitcompressError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    @classmethod
+    def for_finetune(cls, **settings: Any) -> TrainConfig:
+        """A fine-tuning config: :data:`FINETUNE_DEFAULTS` under ``settings``, and a schedule
+        that ends at ``lr / 100`` unless ``min_lr`` is given."""
+        d = {**FINETUNE_DEFAULTS, **settings}
+        if "min_lr" not in d and is_number(d["lr"]):
+            d["min_lr"] = d["lr"] / 100
+        return cls(**d)
+
+    @classmethod
+    def from_dict(cls, d: Mapping, what: str = "train") -> TrainConfig:
+        """From a mapping (a run's ``config.json`` "train" section, a study's settings); unknown
+        keys are an error naming the valid ones."""
+        return build_config(cls, d, what)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,23 +200,34 @@ def evaluate(
     return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "samples": n}
 
 
+@dataclass(frozen=True)
+class ResumeState:
+    """Where an interrupted training stopped: what :func:`train` needs, with the model's weights
+    of that epoch already loaded, to go on exactly as an unbroken run would."""
+
+    epochs_done: int
+    history: list
+    wall_s: float
+    optimizer: dict  # the optimizer's state_dict
+    torch_rng: torch.Tensor
+
+
 def train(
     model: nn.Module,
     train_loader: Iterable,
     test_loader: Iterable | None,
     cfg: TrainConfig,
     *,
-    out: Path | None = None,
-    run_config: dict | None = None,
     teacher: nn.Module | None = None,
-    resume: bool = False,
+    resume: ResumeState | None = None,
     device: str | torch.device = "auto",
     after_step: list[AfterStep] | None = None,
+    on_epoch_end: OnEpochEnd | None = None,
 ) -> dict:
-    """Train ``model`` for ``cfg.epochs``; write a checkpoint to ``out`` after every epoch.
+    """Train ``model`` for ``cfg.epochs``; returns the final metrics and the per-epoch history.
 
-    With ``resume``, continue from the last epoch saved in ``out`` (weights, optimizer and
-    scheduler position, RNG state). Returns the final metrics (also in ``out/metrics.json``).
+    ``on_epoch_end`` is called after every epoch (where the caller saves a checkpoint);
+    ``resume`` continues from such a checkpoint (optimizer and schedule position, RNG state).
     """
     device = pick_device(device) if isinstance(device, str) else device
     if cfg.distill and teacher is None:
@@ -192,9 +248,11 @@ def train(
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     start_epoch, history, elapsed_before = 0, [], 0.0
 
-    if resume:
-        start_epoch, history, elapsed_before = _load_train_state(out, model, opt)
-        model.to(device)
+    if resume is not None:
+        start_epoch, history = resume.epochs_done, list(resume.history)
+        elapsed_before = resume.wall_s
+        opt.load_state_dict(resume.optimizer)
+        torch.set_rng_state(resume.torch_rng)
 
     if cfg.amp == "fp16" and device.type != "cuda":
         raise VitcompressError("amp='fp16' needs CUDA; use amp='bf16' on the CPU")
@@ -279,10 +337,8 @@ def train(
             file=sys.stderr,
         )
         sys.stderr.flush()  # epoch lines reach a log file as they happen
-        if out is not None:
-            partial = {"history": history, "epochs_done": epoch + 1, "wall_s": entry["wall_s"]}
-            save_run(out, model, run_config or {}, None)
-            _save_train_state(out, opt, epoch + 1, partial)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, model, opt, {"history": history, "wall_s": entry["wall_s"]})
         if last:
             break
     metrics.update(
@@ -293,44 +349,3 @@ def train(
         }
     )
     return metrics
-
-
-def _save_train_state(out: Path, opt: torch.optim.Optimizer, epochs_done: int, partial: dict):
-    """Optimizer and RNG state for --resume, in a file torch.load reads with weights_only."""
-    import io
-    import json
-
-    state = {
-        "optimizer": opt.state_dict(),
-        "epochs_done": epochs_done,
-        "torch_rng": torch.get_rng_state(),
-        "progress": json.dumps(partial),
-    }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(Path(out) / TRAIN_STATE, buf.getvalue())
-
-
-def _load_train_state(
-    out: Path | None, model: nn.Module, opt: torch.optim.Optimizer
-) -> tuple[int, list, float]:
-    import json
-
-    from vitcompress.models.checkpoints import WEIGHTS, load_state_checked, read_weights
-
-    if out is None:
-        raise VitcompressError("--resume needs --out pointing at the interrupted run")
-    path = Path(out) / TRAIN_STATE
-    if not path.is_file():
-        if (Path(out) / METRICS).is_file():
-            raise VitcompressError(f"{out} is a finished run (no {TRAIN_STATE}); nothing to resume")
-        raise VitcompressError(f"cannot resume: {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise VitcompressError(f"corrupt training state {path}: {type(e).__name__}") from None
-    load_state_checked(model, read_weights(Path(out) / WEIGHTS), str(Path(out) / WEIGHTS))
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    progress = json.loads(state["progress"])
-    return int(state["epochs_done"]), progress["history"], float(progress["wall_s"])

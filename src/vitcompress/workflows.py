@@ -5,7 +5,6 @@ Each is one function over plain arguments, so the CLI, the sweep runner and test
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -13,17 +12,25 @@ import torch
 from torch import nn
 
 from vitcompress.errors import VitcompressError
-from vitcompress.measure import params_nonzero, params_total
+from vitcompress.fileio import read_json
+from vitcompress.measure import compression_fields, params_nonzero, params_total, speed_fields
 from vitcompress.models import build_model, model_config
-from vitcompress.models.checkpoints import (
+from vitcompress.runs import (
     CONFIG,
     METRICS,
+    PACKED,
     TRAIN_STATE,
     WEIGHTS,
     load_run,
+    load_state_checked,
+    load_train_state,
+    read_weights,
     save_run,
+    save_train_state,
     versions,
 )
+from vitcompress.steps.recipe import Recipe, apply_recipe, as_recipe, check_recipe_names
+from vitcompress.steps.registry import StepContext, describe_structure
 from vitcompress.train import TrainConfig, evaluate, pick_device, train
 
 # Sizes the built-in sources come in; an image folder has none (its images are resized).
@@ -70,19 +77,15 @@ def load_teacher(path: Path, model_cfg: dict) -> nn.Module:
     return teacher
 
 
-def model_cfg_arch(preset: str) -> str:
-    return model_config(preset)["arch"]
-
-
 def _check_out(out: Path, resume: bool, force: bool) -> None:
     if resume or not out.exists():
         return
     finished = (out / METRICS).is_file()
     interrupted = (out / TRAIN_STATE).is_file()
-    if not (finished or interrupted or (out / WEIGHTS).exists()):
+    if not (finished or interrupted or (out / WEIGHTS).exists() or (out / PACKED).exists()):
         return
     if force:
-        for name in (WEIGHTS, CONFIG, METRICS, TRAIN_STATE):
+        for name in (WEIGHTS, PACKED, CONFIG, METRICS, TRAIN_STATE):
             (out / name).unlink(missing_ok=True)
         return
     what = "a finished run" if finished else "an interrupted run (use --resume to continue)"
@@ -93,91 +96,67 @@ def train_run(
     model: str,
     data: str,
     out: Path,
-    epochs: int = 5,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    warmup_epochs: float = 1.0,
-    label_smoothing: float = 0.1,
-    img_size: int | None = None,
-    patch_size: int | None = None,
-    channels: int | None = None,
+    config: TrainConfig | None = None,
+    *,
     teacher: Path | None = None,
-    distill: str | None = None,
-    distill_alpha: float = 0.5,
-    distill_tau: float = 3.0,
-    augment: bool | str = True,
-    seed: int = 0,
+    init_from: Path | None = None,
+    channels: int | None = None,
     limit: int | None = None,
     resume: bool = False,
     force: bool = False,
     device: str = "auto",
-    drop_path: float = 0.0,
-    amp: str | None = None,
-    init_from: Path | None = None,
 ) -> dict:
-    """Train a preset on a data source into run directory ``out``; returns its metrics.
+    """Train preset ``model`` on data source ``data`` into run directory ``out`` as ``config``
+    says; returns its metrics.
 
-    ``init_from``: a run directory of the same model whose weights start this training (a
-    fresh schedule and optimizer; for continuing a finished run with more epochs).
+    ``teacher``: a run directory to distil from (``config.distill`` defaults to hard then).
+    ``init_from``: a run directory of the same model whose weights start this training (a fresh
+    schedule and optimizer; for continuing a finished run with more epochs). ``resume``: go on
+    with the interrupted run in ``out`` exactly where its last epoch ended.
     """
-    out = Path(out)
-    if distill and teacher is None:
-        raise VitcompressError("--distill needs --teacher RUN_DIR")
-    if teacher is not None and not distill:
-        distill = "hard"
-    _check_out(out, resume, force)
-    cfg = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing,
-        distill=distill,
-        distill_alpha=distill_alpha,
-        distill_tau=distill_tau,
-        seed=seed,
-        amp=amp,
-    )
-    if resume:
-        from vitcompress.models.checkpoints import read_json
+    from dataclasses import replace
 
+    out = Path(out)
+    cfg = config or TrainConfig()
+    if cfg.distill and teacher is None:
+        raise VitcompressError("--distill needs --teacher RUN_DIR")
+    if teacher is not None and not cfg.distill:
+        cfg = replace(cfg, distill="hard")
+    _check_out(out, resume, force)
+    if resume:
         saved = read_json(out / CONFIG)
         model_cfg, data_cfg = saved["model"], saved["data"]
-        cfg = TrainConfig(**saved["train"])
+        cfg = TrainConfig.from_dict(saved["train"], f"{out / CONFIG}: train")
         teacher = Path(saved["teacher"]) if saved.get("teacher") else None
         init_from = Path(saved["init_from"]) if saved.get("init_from") else None
     else:
         preset = model_config(model)
-        size = resolve_img_size(data, preset, img_size)
+        size = resolve_img_size(data, preset, cfg.img_size)
         data_cfg = {
             "spec": data,
             "img_size": size,
-            "seed": seed,
-            "augment": augment,
+            "seed": cfg.seed,
+            "augment": cfg.augment,
             "limit": limit,
             "channels": channels,
         }
         model_cfg = None
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     train_loader, test_loader, info = loaders(data_cfg, cfg.batch_size)
     if model_cfg is None:
-        is_vit = model_cfg_arch(model) == "vit"
-        extra = {"drop_path_rate": drop_path} if drop_path and is_vit else {}
+        is_vit = model_config(model)["arch"] == "vit"
+        extra = {"drop_path_rate": cfg.drop_path} if cfg.drop_path and is_vit else {}
         model_cfg = model_config(
             model,
             img_size=data_cfg["img_size"],
-            patch_size=patch_size,
+            patch_size=cfg.patch_size,
             in_chans=info.channels,
             num_classes=len(info.classes),
             **extra,
         )
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     net = build_model(model_cfg)
     if init_from is not None and not resume:
-        from vitcompress.models.checkpoints import WEIGHTS, load_state_checked, read_weights
-
         init_w = Path(init_from) / WEIGHTS
         load_state_checked(net, read_weights(init_w), str(init_w))
     teacher_net = load_teacher(teacher, model_cfg) if teacher is not None else None
@@ -188,22 +167,21 @@ def train_run(
         "train": cfg.to_dict(),
         "teacher": str(teacher) if teacher is not None else None,
         "init_from": str(init_from) if init_from is not None else None,
-        "seed": seed,
+        "seed": cfg.seed,
         "command": " ".join(["vitcompress", *sys.argv[1:]]) if sys.argv else None,
         "versions": versions(),
     }  # fmt: skip
+    state = load_train_state(out, net) if resume else None
+
+    def checkpoint(epochs_done: int, net_: nn.Module, opt, progress: dict) -> None:
+        save_run(out, net_, run_config, None)
+        save_train_state(out, opt, epochs_done, {**progress, "epochs_done": epochs_done})
+
     dev = pick_device(device)
     metrics = train(
-        net,
-        train_loader,
-        test_loader,
-        cfg,
-        out=out,
-        run_config=run_config,
-        teacher=teacher_net,
-        resume=resume,
-        device=dev,
-    )
+        net, train_loader, test_loader, cfg, teacher=teacher_net, resume=state, device=dev,
+        on_epoch_end=checkpoint,
+    )  # fmt: skip
     net.cpu()
     metrics.update(
         {
@@ -251,10 +229,6 @@ def evaluate_run(
     return m
 
 
-def copy_run(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-
-
 def _calib_loader(data_cfg: dict, batch_size: int = 64):
     """Training images without augmentation, in a fixed shuffled order, for calibration."""
     from vitcompress.data import load_data, make_loader
@@ -272,7 +246,7 @@ def _calib_loader(data_cfg: dict, batch_size: int = 64):
 
 def compress_run(
     checkpoint: Path,
-    recipe,
+    recipe: Recipe | dict | str | Path,
     out: Path,
     data: str | None = None,
     limit: int | None = None,
@@ -280,7 +254,8 @@ def compress_run(
     force: bool = False,
     speed: bool = True,
 ) -> dict:
-    """Apply a recipe to a trained run directory, evaluate, measure, and write run dir ``out``.
+    """Apply a recipe (a :class:`Recipe`, a mapping, a YAML file or a built-in name) to a trained
+    run directory, evaluate, measure, and write run directory ``out`` (its weights packed).
 
     Everything about the recipe (keys, values, layer patterns, teacher paths) is checked before
     any work starts. ``metrics.json`` is written last, so a run directory with it is complete.
@@ -288,22 +263,9 @@ def compress_run(
     import copy
     import time
 
-    from vitcompress.measure import compression_fields, speed_fields
-    from vitcompress.recipe import (
-        Recipe,
-        RecipeData,
-        apply_recipe,
-        check_recipe_names,
-        load_recipe,
-        needs_calibration,
-        needs_training,
-        parse_recipe,
-    )
-
     t0 = time.perf_counter()
     out = Path(out)
-    if not isinstance(recipe, Recipe):
-        recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    recipe = as_recipe(recipe)
     model, base_cfg = load_run(checkpoint)
     if base_cfg.get("compression"):
         raise VitcompressError(
@@ -321,15 +283,13 @@ def compress_run(
     seed = int(data_cfg.get("seed", 0))
     dev = pick_device(device)
     torch.manual_seed(seed)
-    train_loader = test_loader = None
-    batch = max((s.config.batch_size for s in recipe.steps if s.kind == "finetune"), default=128)
-    train_loader, test_loader, info = loaders({**data_cfg, "augment": True}, batch)
+    train_loader, test_loader, info = loaders({**data_cfg, "augment": True}, recipe.batch_size())
     if len(info.classes) != base_cfg["model"]["num_classes"]:
         raise VitcompressError(
             f"data {data_cfg['spec']} has {len(info.classes)} classes, the model "
             f"{base_cfg['model']['num_classes']}"
         )
-    calib = _calib_loader(data_cfg) if needs_calibration(recipe) else None
+    calib = _calib_loader(data_cfg) if recipe.needs_calibration() else None
     dense = copy.deepcopy(model)
 
     def teacher_for(spec: str) -> nn.Module:
@@ -337,30 +297,27 @@ def compress_run(
             return dense
         return load_teacher(Path(spec), base_cfg["model"])
 
-    records, reports = apply_recipe(
-        model,
-        recipe,
-        RecipeData(
-            train_loader=train_loader if needs_training(recipe) else None,
-            calib_loader=calib,
-            device=dev,
-            seed=seed,
-        ),
-        teacher_for,
+    ctx = StepContext(
+        train_loader=train_loader if recipe.needs_training() else None,
+        calib_loader=calib,
+        device=dev,
+        seed=seed,
+        teacher_for=teacher_for,
     )
+    reports = apply_recipe(model, recipe, ctx)
     model.to(dev)
     metrics = {k: v for k, v in evaluate(model, test_loader, dev).items() if k != "samples"}
     model.cpu()
     config = {
         **base_cfg,
-        "compression": records,
+        "compression": describe_structure(model),
         "recipe": recipe.to_dict(),
         "recipe_hash": recipe.hash,
         "base_checkpoint": str(checkpoint),
         "versions": versions(),
     }
     shape = (config["model"]["in_chans"], config["model"]["img_size"], config["model"]["img_size"])
-    metrics.update(compression_fields(model, dense, recipe, config))
+    metrics.update(compression_fields(model, dense, recipe, reports, config))
     if speed:
         metrics.update(speed_fields(model, recipe, shape))
     metrics.update(

@@ -39,10 +39,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vitcompress.config import as_patterns, check_int
 from vitcompress.errors import VitcompressError
-from vitcompress.models.vit import Attention, Mlp
-from vitcompress.sparsity import MASK, _as_patterns, observe_inputs
-from vitcompress.targets import Patterns, check_patterns, select_modules
+from vitcompress.models.vit import Attention, Mlp, VisionTransformer
+from vitcompress.sparsity import MASK
+from vitcompress.steps.calib import observe_inputs
+from vitcompress.steps.registry import Step, StepContext
+from vitcompress.targets import Patterns, select_modules
 
 METHODS = ("magnitude", "activation")
 
@@ -83,12 +86,9 @@ class ShrinkConfig:
         if self.method not in METHODS:
             raise VitcompressError(f"shrink.method must be one of {METHODS}, got {self.method!r}")
         for key in ("multiple_of", "batches"):
-            m = getattr(self, key)
-            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-                raise VitcompressError(f"shrink.{key} must be an integer >= 1, got {m!r}")
+            check_int(getattr(self, key), f"shrink.{key}", 1)
         for key in ("targets", "ignore"):
-            object.__setattr__(self, key, _as_patterns(getattr(self, key)))
-            check_patterns(getattr(self, key), f"shrink.{key}")
+            object.__setattr__(self, key, as_patterns(getattr(self, key), f"shrink.{key}"))
 
 
 def kept_count(n: int, fraction: float, multiple_of: int = 1, at_least: int = 1) -> int:
@@ -210,19 +210,30 @@ def _blocks(model: nn.Module, config: ShrinkConfig) -> tuple[list, list]:
     return attns, mlps
 
 
-def shrink_(
-    model: nn.Module, config: ShrinkConfig, calib_data: Iterable | None = None
-) -> dict[str, dict]:
+def shrink_(model: nn.Module, config: ShrinkConfig, calib_data: Iterable | None = None) -> None:
     """Remove heads and MLP neurons of the selected blocks in place (module docstring).
-
-    Returns, per block module name, ``{"kind": "heads" | "mlp", "before": n, "after": k,
-    "kept": [indices]}``.
 
     Raises:
         VitcompressError: a pattern that selects no block, a block whose Linears are not plain
             (already pruned, factorised or quantised), or ``method="activation"`` without
             calibration data.
     """
+    _shrink(model, config, calib_data)
+
+
+def kept_units(
+    model: nn.Module, config: ShrinkConfig, calib_data: Iterable | None = None
+) -> dict[str, list[int]]:
+    """Which heads / MLP neurons of each selected block :func:`shrink_` keeps (their indices,
+    in order), found by shrinking a copy: ``model`` is left as it is."""
+    import copy
+
+    return {n: r["kept"] for n, r in _shrink(copy.deepcopy(model), config, calib_data).items()}
+
+
+def _shrink(model: nn.Module, config: ShrinkConfig, calib_data: Iterable | None) -> dict:
+    """:func:`shrink_`, returning per block ``{"kind": "heads" | "mlp", "before": n,
+    "after": k, "kept": [indices]}``."""
     attns, mlps = _blocks(model, config)
     moments: dict = {}
     if config.method == "activation" and mlps:
@@ -256,12 +267,25 @@ def shrink_(
     return report
 
 
-def shrink_structure(model: nn.Module) -> dict[str, dict[str, int]]:
-    """``{"heads": {attention block: heads}, "mlp": {mlp block: hidden width}}`` of every ViT
-    block: what :func:`restore_shrink_` needs to give a freshly built model the same shapes."""
+def _widths(model: nn.Module) -> dict[str, dict[str, int]]:
     heads = {n: int(m.num_heads) for n, m in model.named_modules() if isinstance(m, Attention)}
     mlp = {n: int(m.fc1.out_features) for n, m in model.named_modules() if isinstance(m, Mlp)}
     return {"heads": heads, "mlp": mlp}
+
+
+def shrink_structure(model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{"heads": {attention block: heads}, "mlp": {mlp block: hidden width}}`` of the ViT
+    blocks narrower than the model's config builds them (of every block when the model has no
+    config): what :func:`restore_shrink_` needs to give a fresh model the same shapes."""
+    now = _widths(model)
+    if not isinstance(model, VisionTransformer):
+        return now
+    with torch.device("meta"):
+        full = _widths(VisionTransformer(model.cfg))
+    return {
+        part: {n: k for n, k in widths.items() if full[part].get(n) != k}
+        for part, widths in now.items()
+    }
 
 
 def restore_shrink_(model: nn.Module, structure: dict) -> None:
@@ -296,10 +320,43 @@ def _resized(old: nn.Linear, in_f: int, out_f: int) -> nn.Linear:
                      dtype=old.weight.dtype)  # fmt: skip
 
 
+class ShrinkStep(Step):
+    kind = "shrink"
+    config_cls = ShrinkConfig
+    must_precede = ("prune", "lowrank", "quantize")  # they replace the Linears shrink resizes
+
+    def needs_calibration(self, config: ShrinkConfig) -> bool:
+        return config.method == "activation" and config.mlp > 0
+
+    def check_layers(self, shadow: nn.Module, config: ShrinkConfig, what: str) -> None:
+        kinds = ((Attention,) if config.heads > 0 else ()) + ((Mlp,) if config.mlp > 0 else ())
+        select_modules(shadow, config.targets, config.ignore, kinds, what)
+
+    def apply(self, model: nn.Module, config: ShrinkConfig, ctx: StepContext, index: int) -> dict:
+        info = _shrink(model, config, ctx.calib_loader)
+        return {
+            "blocks": {n: {"before": r["before"], "after": r["after"]} for n, r in info.items()}
+        }
+
+    def describe(self, model: nn.Module) -> dict | None:
+        s = shrink_structure(model)
+        return {"structure": s} if s["heads"] or s["mlp"] else None
+
+    def rebuild(self, model: nn.Module, record: dict) -> None:
+        restore_shrink_(model, record["structure"])
+
+    def result_fields(self, model: nn.Module, config: ShrinkConfig, report: dict | None) -> dict:
+        return {"pattern": "structured"}  # heads and neurons removed: fewer parameters, no zeros
+
+
+STEP = ShrinkStep()
+
 __all__ = [
     "METHODS",
+    "STEP",
     "ShrinkConfig",
     "kept_count",
+    "kept_units",
     "restore_shrink_",
     "shrink_",
     "shrink_structure",

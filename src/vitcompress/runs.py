@@ -1,0 +1,200 @@
+"""Run directories: weights + ``config.json`` + ``metrics.json``.
+
+A dense run (a trained model) keeps its weights in ``model.safetensors``; a compressed run in
+``model.packed``, the packed file (:mod:`vitcompress.pack`) whose size is its ``bytes_stored``,
+so that what a run occupies on disk is what it reports. ``config.json`` holds everything needed
+to rebuild the model (``model``, and for a compressed run the structure records of
+``compression``), the data and the recipe; ``metrics.json`` is written last, so a directory
+with it is complete.
+
+Everything is written to a temporary name and renamed into place, so an interrupted run never
+leaves a half-written file behind. Loading checks every tensor's shape against the model that
+``config.json`` describes and fails with one line naming the first mismatch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vitcompress.errors import VitcompressError
+from vitcompress.fileio import atomic_write_bytes, read_json, write_json
+from vitcompress.models import build_model
+from vitcompress.pack import load_packed, save_packed
+from vitcompress.steps.registry import rebuild_structure_
+from vitcompress.train import ResumeState
+
+WEIGHTS = "model.safetensors"
+PACKED = "model.packed"
+CONFIG = "config.json"
+METRICS = "metrics.json"
+TRAIN_STATE = "train_state.pt"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import safetensors
+
+    import vitcompress
+
+    return {
+        "vitcompress": vitcompress.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A contiguous, de-aliased copy of the state dict (safetensors refuses shared storage)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state_dict_for_save(model), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_run(out: Path, model: nn.Module, config: dict, metrics: dict | None = None) -> None:
+    """Write a run directory: weights first, then config, then metrics (the 'done' marker).
+
+    A config with ``compression`` records (a compressed model) stores the weights packed
+    (``model.packed``); any other the dense ``model.safetensors``. The other file is removed, so
+    a directory holds one set of weights.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**config, "versions": config.get("versions", versions())}
+    if config.get("compression"):
+        save_packed(model, out / PACKED, config)
+        (out / WEIGHTS).unlink(missing_ok=True)
+    else:
+        save_weights(model, out / WEIGHTS)
+        (out / PACKED).unlink(missing_ok=True)
+    write_json(out / CONFIG, config)
+    if metrics is not None:
+        write_json(out / METRICS, metrics)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise VitcompressError(f"missing file: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise VitcompressError(f"corrupt safetensors file {path}: {msg}") from None
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` after checking names and shapes; one line on mismatch."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        raise VitcompressError(
+            f"{source}: {len(missing)} tensor(s) missing for this model, first {missing[0]!r}"
+        )
+    if unexpected:
+        raise VitcompressError(
+            f"{source}: {len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}"
+        )
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise VitcompressError(
+                f"{source}: shape mismatch for {k!r}: file has {tuple(state[k].shape)}, "
+                f"config.json describes {tuple(v.shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def load_run(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model a run directory describes and load its weights; (model, config)."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise VitcompressError(f"checkpoint directory not found: {run_dir}")
+    if not run_dir.is_dir():
+        raise VitcompressError(f"checkpoint must be a run directory, not a file: {run_dir}")
+    config = read_json(run_dir / CONFIG)
+    if not isinstance(config, dict) or "model" not in config:
+        raise VitcompressError(f"{run_dir / CONFIG} has no 'model' section")
+    if (run_dir / PACKED).is_file():
+        model, _ = load_packed(run_dir / PACKED)
+    else:  # a dense run, or a compressed one written before runs stored packed weights
+        model = build_model(config["model"])
+        rebuild_structure_(model, config.get("compression", []), str(run_dir / CONFIG))
+        load_state_checked(model, read_weights(run_dir / WEIGHTS), str(run_dir / WEIGHTS))
+    model.to(map_location)
+    model.eval()
+    return model, config
+
+
+def save_train_state(out: Path, opt: torch.optim.Optimizer, epochs_done: int, progress: dict):
+    """Optimizer and RNG state for ``--resume``, in a file torch.load reads with weights_only."""
+    state = {
+        "optimizer": opt.state_dict(),
+        "epochs_done": epochs_done,
+        "torch_rng": torch.get_rng_state(),
+        "progress": json.dumps(progress),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(Path(out) / TRAIN_STATE, buf.getvalue())
+
+
+def load_train_state(out: Path, model: nn.Module) -> ResumeState:
+    """Load the last epoch's weights of an interrupted run into ``model``; where it stopped."""
+    path = Path(out) / TRAIN_STATE
+    if not path.is_file():
+        if (Path(out) / METRICS).is_file():
+            raise VitcompressError(f"{out} is a finished run (no {TRAIN_STATE}); nothing to resume")
+        raise VitcompressError(f"cannot resume: {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        progress = json.loads(state["progress"])
+        resume = ResumeState(
+            int(state["epochs_done"]), progress["history"], float(progress["wall_s"]),
+            state["optimizer"], state["torch_rng"],
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise VitcompressError(f"corrupt training state {path}: {type(e).__name__}") from None
+    load_state_checked(model, read_weights(Path(out) / WEIGHTS), str(Path(out) / WEIGHTS))
+    return resume
+
+
+__all__ = [
+    "CONFIG",
+    "METRICS",
+    "PACKED",
+    "TRAIN_STATE",
+    "WEIGHTS",
+    "load_run",
+    "load_state_checked",
+    "load_train_state",
+    "read_json",
+    "read_weights",
+    "save_run",
+    "save_train_state",
+    "save_weights",
+    "versions",
+    "write_json",
+]

@@ -1,0 +1,283 @@
+"""The ``prune`` step: unstructured (per layer or global) and N:M sparsity, by magnitude or
+Wanda, one shot or on the cubic schedule during the fine-tune that follows.
+
+The mask maths lives in :mod:`vitcompress.sparsity`; this module holds the config, the verb
+:func:`prune_` and the step that records which layers carry masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitcompress.config import as_patterns, check_int
+from vitcompress.errors import VitcompressError
+from vitcompress.sparsity import (
+    MASK,
+    PRUNABLE_TYPES,
+    achieved_sparsity,
+    apply_masks_,
+    check_sparsity,
+    compute_masks,
+    cubic_sparsity,
+    get_masks,
+    parse_pattern,
+    select_prunable,
+)
+from vitcompress.steps.calib import observe_inputs
+from vitcompress.steps.registry import Step, StepContext
+from vitcompress.targets import Patterns, select_modules
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune, how much, and when.
+
+    Attributes:
+        sparsity: final fraction of zeros per layer (or overall for ``scope="global"``), in
+            [0, 1). Required for ``"unstructured"``; for ``"N:M"`` it is ``1 - N/M`` and may be
+            omitted (if given it must agree).
+        pattern: ``"unstructured"`` or ``"N:M"`` (``"2:4"`` keeps 2 of every 4 along the input
+            dimension).
+        scope: ``"layer"`` (every layer reaches ``sparsity``) or ``"global"`` (one magnitude
+            threshold across the selected layers; unstructured magnitude only).
+        schedule: ``"oneshot"`` (:func:`prune_`, or :class:`GradualPruner` at ``start_step``) or
+            ``"cubic"`` (Zhu & Gupta, with :class:`GradualPruner` during fine-tuning).
+        initial_sparsity: ``s_i`` of the cubic schedule, in [0, sparsity].
+        start_step: ``t0``, the first pruning step.
+        n_steps: ``n``, the number of pruning intervals of the cubic schedule; None lets the
+            fine-tune that follows set the schedule (:meth:`over`).
+        frequency: ``dt``, optimizer steps between two pruning steps.
+        method: ``"magnitude"`` (smallest ``|w|``) or ``"wanda"`` (smallest ``|w| * ||x||`` per
+            output row, one shot, needs calibration data).
+        targets: module name patterns (globs or ``re:``). The default ``"blocks.*"`` selects
+            every Linear inside the encoder blocks (qkv, proj, fc1, fc2) and leaves the patch
+            embedding and the classifier heads dense, as sparsity studies usually do. Conv2d
+            layers can be selected by name too (``patch_embed.proj``).
+        ignore: name patterns to leave out.
+    """
+
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    scope: str = "layer"
+    schedule: str = "oneshot"
+    initial_sparsity: float = 0.0
+    start_step: int = 0
+    n_steps: int | None = None
+    frequency: int = 1
+    method: str = "magnitude"
+    targets: Patterns = "blocks.*"
+    ignore: Patterns = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", as_patterns(self.targets, "prune.targets"))
+        object.__setattr__(self, "ignore", as_patterns(self.ignore, "prune.ignore"))
+        nm = parse_pattern(self.pattern)
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity, "prune.sparsity")
+        if nm is None and self.sparsity is None:
+            raise VitcompressError(
+                "prune.sparsity is required for unstructured pruning (a number in [0, 1), e.g. 0.5)"
+            )
+        if nm is not None and self.sparsity is not None:
+            implied = 1.0 - nm[0] / nm[1]
+            if abs(self.sparsity - implied) > 1e-9:
+                raise VitcompressError(
+                    f"prune.sparsity {self.sparsity} contradicts pattern {self.pattern!r}, which "
+                    f"means sparsity {implied:g}; drop sparsity or make them agree"
+                )
+        if self.scope not in ("layer", "global"):
+            raise VitcompressError(f"prune.scope must be 'layer' or 'global', got {self.scope!r}")
+        if self.schedule not in ("oneshot", "cubic"):
+            raise VitcompressError(
+                f"prune.schedule must be 'oneshot' or 'cubic', got {self.schedule!r}"
+            )
+        if self.method not in ("magnitude", "wanda"):
+            raise VitcompressError(
+                f"prune.method must be 'magnitude' or 'wanda', got {self.method!r}"
+            )
+        if nm is not None and self.scope == "global":
+            raise VitcompressError(
+                f"prune.scope 'global' does not apply to pattern {self.pattern!r}: N:M keeps N "
+                f"of every M weights in each layer; use scope 'layer'"
+            )
+        if self.method == "wanda" and self.scope == "global":
+            raise VitcompressError(
+                "prune.method 'wanda' compares weights within each output row; use scope 'layer'"
+            )
+        if self.method == "wanda" and self.schedule != "oneshot":
+            raise VitcompressError("prune.method 'wanda' prunes one shot; use schedule 'oneshot'")
+        if nm is not None and self.schedule != "oneshot":
+            raise VitcompressError(
+                f"prune.pattern {self.pattern!r} is applied one shot (then fine-tuned); use "
+                f"schedule 'oneshot'"
+            )
+        check_sparsity(self.initial_sparsity, "prune.initial_sparsity")
+        check_int(self.start_step, "prune.start_step", 0)
+        check_int(self.frequency, "prune.frequency", 1)
+        if self.schedule == "cubic":
+            check_int(self.n_steps, "prune.n_steps", 1, optional=True)
+            if self.initial_sparsity > self.target_sparsity:
+                raise VitcompressError(
+                    f"prune.initial_sparsity {self.initial_sparsity} must be <= sparsity "
+                    f"{self.target_sparsity}"
+                )
+        else:
+            if self.n_steps is not None or self.initial_sparsity != 0.0:
+                raise VitcompressError(
+                    "prune.n_steps and prune.initial_sparsity only apply to schedule 'cubic'"
+                )
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(N, M)`` for an N:M pattern, None for unstructured."""
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        """The final sparsity: ``sparsity``, or ``1 - N/M`` for an N:M pattern."""
+        nm = self.nm
+        return float(self.sparsity) if nm is None else 1.0 - nm[0] / nm[1]
+
+    def over(self, total_steps: int) -> PruneConfig:
+        """This config with an open cubic schedule (no ``n_steps``) fitted to a fine-tune of
+        ``total_steps``: the ramp takes its first two thirds in ten prunings, so the last third
+        recovers accuracy at the final sparsity. A config with ``n_steps`` is returned as is."""
+        if self.schedule != "cubic" or self.n_steps is not None:
+            return self
+        ramp = max(1, (2 * total_steps) // 3)
+        freq = self.frequency if self.frequency > 1 else max(1, ramp // 10)
+        return replace(self, n_steps=max(1, ramp // freq), frequency=freq)
+
+    def sparsity_at(self, step: int) -> float:
+        """The scheduled sparsity at optimizer ``step``."""
+        if self.schedule == "cubic":
+            if self.n_steps is None:
+                raise VitcompressError(
+                    "prune.schedule 'cubic' needs n_steps (pruning intervals, >= 1), or a "
+                    "fine-tune to fit it to: PruneConfig.over(total_steps)"
+                )
+            return cubic_sparsity(
+                step,
+                self.initial_sparsity,
+                self.target_sparsity,
+                self.start_step,
+                self.n_steps,  # type: ignore[arg-type]
+                self.frequency,
+            )
+        return self.target_sparsity if step >= self.start_step else 0.0
+
+
+def activation_norms(
+    model: nn.Module, layers: Mapping[str, nn.Module], calib_data: Iterable
+) -> dict[str, torch.Tensor]:
+    """L2 norm of every input feature of ``layers`` over all tokens of ``calib_data``.
+
+    One forward pass of the dense model (Wanda's per-block sequential recalibration is not done:
+    it needs the model's block structure). For a Conv2d the features are the unfolded patches
+    (``in*kh*kw``). Returns float64 tensors.
+    """
+    sums: dict[str, torch.Tensor] = {}
+
+    def observe(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1 or isinstance(module.padding, str):
+                raise VitcompressError(
+                    f"{name}: wanda supports Conv2d with groups=1 and numeric padding only"
+                )
+            x = F.unfold(
+                x, module.kernel_size, module.dilation, module.padding, module.stride
+            ).transpose(1, 2)  # (B, L, C*kh*kw)
+        x = x.reshape(-1, x.shape[-1]).double()  # (tokens, in)
+        sq = (x * x).sum(0)  # (in,)
+        sums[name] = sq if name not in sums else sums[name] + sq
+
+    observe_inputs(model, layers, calib_data, observe)
+    return {n: s.sqrt() for n, s in sums.items()}
+
+
+def prune_(model: nn.Module, config: PruneConfig, calib_data: Iterable | None = None) -> None:
+    """Prune the selected layers one shot, in place.
+
+    Masks become ``weight_mask`` buffers and the pruned weights exact zeros. Layers that already
+    carry a mask are pruned monotonically (their pruned weights stay pruned). ``calib_data`` (an
+    iterable of input batches or ``(inputs, labels)`` pairs) is needed by ``method="wanda"``.
+    """
+    if config.schedule != "oneshot":
+        raise VitcompressError(
+            "prune.schedule 'cubic' prunes during fine-tuning: use GradualPruner(model, config)"
+        )
+    layers = select_prunable(model, config)
+    norms = None
+    if config.method == "wanda":
+        if calib_data is None:
+            raise VitcompressError("prune.method 'wanda' needs calibration data (calib_data)")
+        norms = activation_norms(model, layers, calib_data)
+    apply_masks_(model, compute_masks(layers, config, config.target_sparsity, norms))
+
+
+def zero_fraction(model: nn.Module, layers: Iterable[str]) -> float:
+    """Zeros among the weights of ``layers`` (0.0 if none). A later quantize step replaces a
+    pruned module (and drops its mask) but keeps its name and its zeros."""
+    total = zeros = 0
+    for name in layers:
+        w = model.get_submodule(name).weight
+        total += w.numel()
+        zeros += int((w == 0).sum())
+    return zeros / total if total else 0.0
+
+
+class PruneStep(Step):
+    kind = "prune"
+    config_cls = PruneConfig
+    result_defaults = {"pattern": None, "sparsity_target": 0.0, "sparsity": 0.0}
+
+    def check_order(self, config: PruneConfig, index: int, kinds: list[str]) -> str | None:
+        nxt = kinds[index + 1] if index + 1 < len(kinds) else None
+        if config.schedule == "cubic" and nxt != "finetune":
+            return "a cubic prune happens during fine-tuning; follow it with a finetune step"
+        return None
+
+    def needs_calibration(self, config: PruneConfig) -> bool:
+        return config.method == "wanda"
+
+    def check_layers(self, shadow: nn.Module, config: PruneConfig, what: str) -> None:
+        select_modules(shadow, config.targets, config.ignore, PRUNABLE_TYPES, what)
+
+    def apply(
+        self, model: nn.Module, config: PruneConfig, ctx: StepContext, index: int
+    ) -> dict | None:
+        if config.schedule == "cubic":
+            ctx.deferred["prune"] = (index, config)  # the next finetune prunes as it trains
+            return None
+        layers = select_prunable(model, config)
+        prune_(model, config, ctx.calib_loader)
+        return {"sparsity": achieved_sparsity({n: m._buffers[MASK] for n, m in layers.items()})}
+
+    def describe(self, model: nn.Module) -> dict | None:
+        layers = sorted(get_masks(model))
+        return {"layers": layers} if layers else None
+
+    def rebuild(self, model: nn.Module, record: dict) -> None:
+        masks = {}
+        for name in record["layers"]:
+            w = model.get_submodule(name).weight
+            masks[name] = torch.ones_like(w, dtype=torch.bool)
+        apply_masks_(model, masks)
+
+    def result_fields(self, model: nn.Module, config: PruneConfig, report: dict | None) -> dict:
+        layers = (report or {}).get("sparsity", {})
+        return {
+            "pattern": config.pattern,
+            "sparsity_target": config.target_sparsity,
+            "sparsity": zero_fraction(model, layers),
+        }
+
+
+STEP = PruneStep()
+
+__all__ = ["PruneConfig", "STEP", "activation_norms", "prune_", "zero_fraction"]

@@ -1,0 +1,416 @@
+"""The ``quantize`` step: post-training quantization in the torchao style,
+``quantize_(model, QuantizeConfig(...), calib_data)``, and the structure record of quantised
+layers (:class:`~vitcompress.quantize.QuantLinear`, ``QuantMatMul``, ``Int8Linear``).
+
+The attention dot products Q.K^T and A.V stay in float unless ``attention_matmul`` names a
+format (both studies leave them in float). The patch-embedding Conv2d stays in float: it sees
+the raw image and is a small share of the compute.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+
+from vitcompress.errors import VitcompressError
+from vitcompress.formats import GRANULARITIES, FloatFormat, Format, IntFormat, get_format
+from vitcompress.int8 import Int8Linear, to_int8_
+from vitcompress.models.vit import MatMul
+from vitcompress.quantize import (
+    PARAM_PRECISIONS,
+    ActivationQuantizer,
+    QuantLinear,
+    QuantMatMul,
+    calibrate_,
+    is_scaled,
+    rest_int_format,
+    round_rest_,
+)
+from vitcompress.steps.registry import Step, StepContext
+from vitcompress.targets import (
+    check_patterns,
+    get_submodule_parent,
+    name_matches,
+    replace_module,
+    select_modules,
+)
+
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+
+
+def _fail(cls: str, key: str, value: Any, want: str) -> NoReturn:
+    raise VitcompressError(f"{cls}.{key} = {value!r}: expected {want}")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How activation ranges are measured: ``method`` over at most ``batches`` input batches.
+
+    ``percentile`` (used by method "percentile") is the share of ``|x|`` (both tails when
+    asymmetric) kept inside the range, in percent.
+    """
+
+    method: str = "minmax"
+    batches: int = 8
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            _fail("calibration", "method", self.method, f"one of {', '.join(CALIBRATION_METHODS)}")
+        if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
+            _fail("calibration", "batches", self.batches, "an integer >= 1")
+        p = self.percentile
+        if isinstance(p, bool) or not isinstance(p, int | float) or not (0 < p <= 100):
+            _fail("calibration", "percentile", p, "a number in (0, 100], e.g. 99.99")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Post-training quantization of the ``nn.Linear`` layers matched by ``targets``/``ignore``.
+
+    Args:
+        weights: a format name (``int8``, ``int4``, ``fp8_e4m3``, ``fp16``, ``tf32``, ...).
+        activations: a format name for the input of each layer, or None for weight-only.
+        granularity: of weight scales: ``per_tensor``, ``per_channel`` (per output row) or
+            ``per_group`` (runs of ``group_size`` inputs in each row).
+        group_size: for ``per_group``; the last group of a row may be shorter.
+        symmetric: signed integer formats with zero point 0 (restricted range) if True.
+        calibration: a :class:`CalibrationConfig` (or a dict of its fields).
+        dynamic: activation scales computed per token at run time; no calibration.
+        attention_matmul: ``fp32`` leaves Q.K^T and A.V alone (as both studies do); a format name
+            quantises both inputs of each (models with ``MatMul`` modules, such as ours).
+        targets, ignore: layer name patterns (globs or ``re:``), see :mod:`vitcompress.targets`.
+        scales: the precision weight scales are rounded to before the codes are computed
+            (``fp32``, ``fp16``, ``bf16``); 2-byte scales as GGUF and torchao's int4 keep them.
+        rest: the precision of every other floating-point parameter (biases, norms, position
+            embedding, class token, patch projection, layers left out of ``targets``): ``fp32``
+            keeps them, ``fp16`` / ``bf16`` round them, so a packed INT8 model stores them in 2
+            bytes instead of 4 (on a 0.8 M-parameter model they are ~10 % of the INT8 file).
+            A signed integer format (``int8``, ... ``int2``) quantises them weight-only and
+            symmetrically, with a 2-byte scale per slice along dim 0 (per output channel of the
+            patch projection) for tensors of 2 or more dimensions and one per tensor for
+            vectors; the packer finds the codes again and stores them in ``bits`` bits
+            (:func:`fake_quant_slices`).
+    """
+
+    weights: str = "int8"
+    activations: str | None = "int8"
+    granularity: str = "per_channel"
+    group_size: int = 128
+    symmetric: bool = True
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    dynamic: bool = False
+    attention_matmul: str = "fp32"
+    targets: str | list[str] = "*"
+    ignore: str | list[str] | None = None
+    scales: str = "fp32"
+    rest: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.scales not in PARAM_PRECISIONS:
+            _fail("quantize", "scales", self.scales, f"one of {', '.join(PARAM_PRECISIONS)}")
+        if self.rest not in PARAM_PRECISIONS and rest_int_format(self.rest) is None:
+            _fail(
+                "quantize", "rest", self.rest,
+                f"one of {', '.join(PARAM_PRECISIONS)} or a signed integer format int2..int8",
+            )  # fmt: skip
+        for key in ("weights", "activations", "attention_matmul"):
+            value = getattr(self, key)
+            if value is None and key == "activations":
+                continue
+            try:
+                get_format(value)
+            except VitcompressError as e:
+                raise VitcompressError(f"quantize.{key}: {e}") from None
+        if self.granularity not in GRANULARITIES:
+            _fail("quantize", "granularity", self.granularity, f"one of {', '.join(GRANULARITIES)}")
+        gs = self.group_size
+        if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1:
+            _fail("quantize", "group_size", gs, "an integer >= 1, e.g. 128")
+        for key in ("symmetric", "dynamic"):
+            if not isinstance(getattr(self, key), bool):
+                _fail("quantize", key, getattr(self, key), "true or false")
+        cal = self.calibration
+        if isinstance(cal, dict):
+            known = {f.name for f in fields(CalibrationConfig)}
+            unknown = sorted(set(cal) - known)
+            if unknown:
+                _fail("quantize", "calibration", unknown[0], f"keys among {sorted(known)}")
+            object.__setattr__(self, "calibration", CalibrationConfig(**cal))
+        elif not isinstance(cal, CalibrationConfig):
+            _fail("quantize", "calibration", cal, "a mapping like {method: minmax, batches: 8}")
+        for key in ("targets", "ignore"):
+            value = getattr(self, key)
+            if value is None and key == "ignore":
+                continue
+            ok = isinstance(value, str) or (
+                isinstance(value, list | tuple) and all(isinstance(p, str) for p in value)
+            )
+            if not ok:
+                _fail("quantize", key, value, "a name pattern or a list of them")
+            check_patterns(value, f"quantize.{key}")
+
+    # --- the formats, with ``symmetric`` applied ------------------------------------------
+    def _fmt(self, name: str | None, narrow: bool) -> Format | None:
+        if name is None:
+            return None
+        fmt = get_format(name)
+        if isinstance(fmt, IntFormat) and not fmt.unsigned:
+            fmt = replace(fmt, symmetric=self.symmetric, narrow=narrow and self.symmetric)
+        return fmt
+
+    @property
+    def weight_format(self) -> Format:
+        """Symmetric integer weights use the narrow range (int8: [-127, 127])."""
+        return self._fmt(self.weights, narrow=True)
+
+    @property
+    def activation_format(self) -> Format | None:
+        """Symmetric integer activations use the full range (int8: [-128, 127])."""
+        return self._fmt(self.activations, narrow=False)
+
+    @property
+    def matmul_format(self) -> Format | None:
+        if self.attention_matmul == "fp32":
+            return None
+        return self._fmt(self.attention_matmul, narrow=False)
+
+
+def _matmuls(model: nn.Module, config: QuantizeConfig) -> list[tuple[str, nn.Module]]:
+    def listed(n: str, patterns) -> bool:
+        pats = [patterns] if isinstance(patterns, str) else list(patterns or [])
+        return any(name_matches(n, p) for p in pats)
+
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, MatMul) and listed(n, config.targets) and not listed(n, config.ignore)
+    ]
+    if not found:
+        raise VitcompressError(
+            f"quantize.attention_matmul = {config.attention_matmul!r}, but no attention MatMul "
+            "module matches the targets (models whose attention calls torch.matmul inline cannot "
+            "quantise it); use attention_matmul: fp32"
+        )
+    return found
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantizeConfig,
+    calib_data: Iterable | None = None,
+    *,
+    calibrate: bool = True,
+) -> None:
+    """Quantise ``model`` in place as ``config`` says (module docstring).
+
+    Args:
+        calib_data: input batches (tensors, ``(x, y, ...)`` tuples, or dicts of keyword inputs)
+            for static activation ranges; at most ``config.calibration.batches`` are used.
+        calibrate: False only builds the quantised structure, e.g. before loading the state dict
+            of a model that was calibrated earlier.
+
+    Raises:
+        VitcompressError: a pattern that matches nothing, static activations without
+            ``calib_data``, attention quantization on a model without MatMul modules; all before
+            the model is changed.
+    """
+    if not isinstance(config, QuantizeConfig):
+        raise VitcompressError(f"quantize_ needs a QuantizeConfig, got {type(config).__name__}")
+    layers = select_modules(model, config.targets, config.ignore, (nn.Linear,), "quantize.targets")
+    mm_fmt = config.matmul_format
+    matmuls = _matmuls(model, config) if mm_fmt is not None else []
+    wfmt, afmt = config.weight_format, config.activation_format
+    cal = config.calibration
+    needs_data = not config.dynamic and (
+        (afmt is not None and is_scaled(afmt)) or (mm_fmt is not None and is_scaled(mm_fmt))
+    )
+    if needs_data and calibrate and calib_data is None:
+        raise VitcompressError(
+            "static activation quantization needs calib_data (a few input batches); "
+            "or set dynamic: true, or activations: null for weight-only"
+        )
+
+    def act(fmt: Format, dim: int = -1) -> ActivationQuantizer:
+        return ActivationQuantizer(fmt, config.dynamic, cal.method, cal.percentile, dim)
+
+    for name, linear in layers:
+        aq = act(afmt) if afmt is not None else None
+        new = QuantLinear.from_linear(
+            linear, wfmt, config.granularity, config.group_size, aq,
+            PARAM_PRECISIONS[config.scales],
+        )  # fmt: skip
+        replace_module(model, name, new)
+    round_rest_(model, config.rest)
+    for name, _ in matmuls:
+        parent, _ = get_submodule_parent(model, name)
+        if hasattr(parent, "fused_attn"):
+            parent.fused_attn = False  # route attention through the MatMul modules
+        replace_module(model, name, QuantMatMul(act(mm_fmt, -1), act(mm_fmt, -2)))
+    if needs_data and calibrate:
+        calibrate_(model, calib_data, cal.batches)
+
+
+# --------------------------------------------------------------------------------------------
+# The step: structure records of quantised layers, result fields, the runtime that runs them
+# --------------------------------------------------------------------------------------------
+
+
+def format_spec(fmt: Format) -> str | dict:
+    """A format by name when the name gives it back exactly, else all its fields."""
+    try:
+        if get_format(fmt.name) == fmt:
+            return fmt.name
+    except VitcompressError:
+        pass
+    kind = "int" if isinstance(fmt, IntFormat) else "float"
+    return {"kind": kind, **asdict(fmt)}
+
+
+def format_from_spec(d: str | dict) -> Format:
+    if isinstance(d, str):
+        return get_format(d)
+    d = dict(d)
+    kind = d.pop("kind")
+    return IntFormat(**d) if kind == "int" else FloatFormat(**d)
+
+
+def _aq_spec(aq: ActivationQuantizer | None) -> dict | None:
+    if aq is None:
+        return None
+    return {"fmt": format_spec(aq.fmt), "dynamic": bool(aq.dynamic), "method": aq.method,
+            "percentile": aq.percentile, "dim": aq.dim}  # fmt: skip
+
+
+def _aq_build(spec: dict | None) -> ActivationQuantizer | None:
+    if spec is None:
+        return None
+    fmt = format_from_spec(spec["fmt"])
+    return ActivationQuantizer(
+        fmt, spec["dynamic"], spec["method"], spec["percentile"], spec["dim"]
+    )
+
+
+def describe_quantized(model: nn.Module) -> dict:
+    """Every quantised module of ``model`` with what rebuilds it (``quant_linear``,
+    ``quant_matmul``, ``int8_linear``), and the attention blocks whose fused kernel is off
+    (``fused_attn``: their dot products run through the quantised MatMul modules)."""
+    rec: dict[str, dict] = {
+        "quant_linear": {},
+        "quant_matmul": {},
+        "int8_linear": {},
+        "fused_attn": {},
+    }
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            rec["quant_linear"][name] = {
+                "in": m.in_features, "out": m.out_features,
+                "weight_format": format_spec(m.weight_format), "granularity": m.granularity,
+                "group_size": m.group_size, "bias": m.bias is not None,
+                "input_quant": _aq_spec(m.input_quant),
+            }  # fmt: skip
+        elif isinstance(m, QuantMatMul):
+            rec["quant_matmul"][name] = {"a": _aq_spec(m.a_quant), "b": _aq_spec(m.b_quant)}
+        elif isinstance(m, Int8Linear):
+            rec["int8_linear"][name] = {
+                "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
+                "input_format": format_spec(m.input_format), "static": not m.dynamic,
+            }  # fmt: skip
+        if getattr(m, "fused_attn", True) is False:
+            rec["fused_attn"][name] = False
+    return {k: v for k, v in rec.items() if v}
+
+
+def rebuild_quantized_(model: nn.Module, rec: dict) -> None:
+    """Give a freshly built model the quantised modules :func:`describe_quantized` recorded."""
+    for name, q in rec.get("quant_linear", {}).items():
+        new = QuantLinear(
+            q["in"], q["out"], format_from_spec(q["weight_format"]), q["granularity"],
+            q["group_size"], bias=q["bias"], input_quant=_aq_build(q["input_quant"]),
+        )  # fmt: skip
+        replace_module(model, name, new)
+    for name, q in rec.get("quant_matmul", {}).items():
+        replace_module(model, name, QuantMatMul(_aq_build(q["a"]), _aq_build(q["b"])))
+    for name, q in rec.get("int8_linear", {}).items():
+        static = q["static"]
+        new = Int8Linear(
+            torch.zeros(q["out"], q["in"], dtype=torch.int8),
+            torch.ones(q["out"], 1),
+            torch.zeros(q["out"]) if q["bias"] else None,
+            format_from_spec(q["input_format"]),
+            torch.ones(()) if static else None,
+            torch.zeros((), dtype=torch.int32) if static else None,
+        )
+        replace_module(model, name, new)
+    for name, fused in rec.get("fused_attn", {}).items():
+        model.get_submodule(name).fused_attn = fused
+
+
+class QuantizeStep(Step):
+    kind = "quantize"
+    config_cls = QuantizeConfig
+    last = True  # quantization-aware training is not supported
+    result_defaults = {"format": "fp32", "activations": None}
+
+    def needs_calibration(self, config: QuantizeConfig) -> bool:
+        if config.dynamic:
+            return False
+        fmts = (config.activation_format, config.matmul_format)
+        return any(f is not None and is_scaled(f) for f in fmts)
+
+    def check_layers(self, shadow: nn.Module, config: QuantizeConfig, what: str) -> None:
+        select_modules(shadow, config.targets, config.ignore, (nn.Linear,), what)
+
+    def apply(self, model: nn.Module, config: QuantizeConfig, ctx: StepContext, index: int) -> dict:
+        quantize_(model, config, ctx.calib_loader)
+        return {"weights": config.weights, "activations": config.activations}
+
+    def describe(self, model: nn.Module) -> dict | None:
+        return describe_quantized(model) or None
+
+    def rebuild(self, model: nn.Module, record: dict) -> None:
+        if "config" in record:  # a config.json written before the registry: replay the config
+            quantize_(model, QuantizeConfig(**record["config"]), calibrate=False)
+        else:
+            rebuild_quantized_(model, record)
+
+    def result_fields(self, model: nn.Module, config: QuantizeConfig, report: dict | None) -> dict:
+        return {"format": config.weights, "activations": config.activations}
+
+    def runtime(self, model: nn.Module, config: QuantizeConfig) -> tuple | None:
+        """INT8 weights with INT8 activations run real integer GEMMs; bf16/fp16 run in that
+        dtype; formats without a CPU kernel here (fp8, int4, ...) are ``emulated``."""
+        w, a = config.weights, config.activations
+        if w in ("fp32", "tf32") and a in (None, "fp32", "tf32"):
+            return model, "torch-fp32", torch.float32
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            if w == name and a in (None, name):
+                return copy.deepcopy(model).to(dtype), f"torch-{name}", dtype
+        if w == "int8" and a == "int8" and config.attention_matmul == "fp32":
+            fast = copy.deepcopy(model)
+            try:
+                to_int8_(fast)
+            except VitcompressError:
+                return None, "emulated", torch.float32
+            return fast, "torch-int8", torch.float32
+        return None, "emulated", torch.float32
+
+
+STEP = QuantizeStep()
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "STEP",
+    "CalibrationConfig",
+    "QuantizeConfig",
+    "describe_quantized",
+    "format_from_spec",
+    "format_spec",
+    "quantize_",
+    "rebuild_quantized_",
+]
