@@ -213,6 +213,9 @@ def edit_config(folder, **changes):
         (dict(hidden_act="xielu"), "hidden_act 'xielu' is not supported"),
         (dict(head_dim=16), "head_dim 16 x num_attention_heads 4 must equal hidden_size 32"),
         (dict(image_size=18), "img_size 18 is not a multiple of patch_size 4"),
+        (dict(num_attention_heads=3), "hidden_size 32 is not divisible by num_attention_heads 3"),
+        (dict(num_channels="3"), "num_channels must be an integer >= 1, got '3'"),
+        (dict(layer_norm_eps="1e-12"), "layer_norm_eps must be a number"),
     ],
 )
 def test_config_refusals(saved, changes, match):

@@ -111,6 +111,8 @@ def _classes(cfg: dict, where: str) -> list[str]:
     id2label = cfg.get("id2label")
     if id2label is None:
         n = cfg.get("num_labels", 2)  # transformers' default
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise VitcompressError(f"{where}: num_labels must be an integer, got {n!r}")
         return [f"LABEL_{i}" for i in range(n)]
     try:
         ids = sorted(int(k) for k in id2label)
@@ -135,13 +137,19 @@ def hf_config(cfg: dict, where: str) -> tuple[ViTConfig, str, list[str]]:
     _, distilled, dist_head, _ = ARCHITECTURES[arch]
     get = {k: cfg.get(k, v) for k, v in HF_DEFAULTS.items()}
     hidden, heads, inter = get["hidden_size"], get["num_attention_heads"], get["intermediate_size"]
-    for key in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers"):
+    ints = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
+            "num_channels")  # fmt: skip
+    for key in ints:
         if isinstance(get[key], bool) or not isinstance(get[key], int) or get[key] < 1:
             raise VitcompressError(f"{where}: {key} must be an integer >= 1, got {get[key]!r}")
-    if hidden % heads or cfg.get("head_dim", hidden // heads) != hidden // heads:
+    if hidden % heads:
         raise VitcompressError(
-            f"{where}: head_dim {cfg.get('head_dim', hidden / heads)} x num_attention_heads "
-            f"{heads} must equal hidden_size {hidden}"
+            f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+        )
+    if cfg.get("head_dim", hidden // heads) != hidden // heads:
+        raise VitcompressError(
+            f"{where}: head_dim {cfg['head_dim']} x num_attention_heads {heads} must equal "
+            f"hidden_size {hidden}"
         )
     act = get["hidden_act"]
     if act not in HF_ACTS:
