@@ -263,6 +263,7 @@ def matching_preset(cfg: ViTConfig) -> str | None:
 
 
 def dtypes_of(state: dict[str, Tensor]) -> list[str]:
+    """The dtypes a state dict holds (``source["dtypes"]``: what was upcast to float32)."""
     return sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
 
 
@@ -604,6 +605,8 @@ __all__ = [
     "INCEPTION_STD",
     "TIMM_SIZES",
     "ImportedModel",
+    "dtypes_of",
+    "find_weights",
     "infer_timm_config",
     "load_strict",
     "load_timm",
@@ -612,5 +615,6 @@ __all__ = [
     "read_file",
     "read_json",
     "read_weights",
+    "timm_preprocess",
     "unwrap_state_dict",
 ]
