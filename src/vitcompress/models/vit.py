@@ -4,11 +4,20 @@ Submodule names follow timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``blocks.N.attn.qkv``, ``blocks.N.attn.proj``, ``blocks.N.mlp.fc1/fc2``, ``norm``, ``head``,
 and for DeiT ``dist_token``, ``head_dist``) so that timm checkpoints load by name and layer
 patterns in recipes mean the same thing on every ViT.
+
+The defaults are timm's maths (LayerNorm eps 1e-6, exact GELU, qkv with bias, MLP width
+``embed_dim * mlp_ratio``). The fields ``qkv_bias``, ``layer_norm_eps``, ``act``, ``mlp_hidden``
+and ``dist_head`` exist so that foreign models whose maths differ (Hugging Face ViT uses
+LayerNorm eps 1e-12; some checkpoints use a tanh GELU, no qkv bias, an MLP width that is no
+round multiple, or a DeiT fine-tuned without its teacher) are imported exactly rather than
+approximately; see :mod:`vitcompress.models.hf` and :mod:`vitcompress.models.timm`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +26,51 @@ from torch import nn
 from vitcompress.errors import VitcompressError, check_known_fields
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the sigmoid approximation of GELU that OpenAI's CLIP uses."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+# The MLP's hidden activations. "gelu" is the exact (erf) GELU of the ViT and DeiT papers and of
+# timm; "gelu_tanh" its tanh approximation (Hugging Face's gelu_new / gelu_pytorch_tanh);
+# "quick_gelu" is OpenAI CLIP's.
+_ACTS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_tanh": partial(nn.GELU, approximate="tanh"),
+    "quick_gelu": QuickGELU,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+}
+ACTIVATIONS: tuple[str, ...] = tuple(_ACTS)
+
+
+def make_act(name: str) -> nn.Module:
+    """The module of activation ``name`` (one of :data:`ACTIVATIONS`)."""
+    if name not in _ACTS:
+        raise VitcompressError(f"act {name!r} is not supported; use one of {ACTIVATIONS}")
+    return _ACTS[name]()
+
+
 @dataclass(frozen=True)
 class ViTConfig:
+    """The numbers of a ViT (plain data: a run's config.json stores them as they are).
+
+    Attributes:
+        mlp_ratio: MLP width is ``int(embed_dim * mlp_ratio)``, unless ``mlp_hidden`` is set.
+        distilled: DeiT: a distillation token, and (with ``dist_head``) a second head on it.
+        qkv_bias: the fused qkv projection has a bias (timm's and HF's default).
+        layer_norm_eps: eps of every LayerNorm; timm uses 1e-6, Hugging Face ViT/DeiT 1e-12.
+        act: the MLP's hidden activation, one of :data:`ACTIVATIONS`.
+        mlp_hidden: the MLP width itself, for widths that no float ``mlp_ratio`` reproduces
+            through ``int(embed_dim * mlp_ratio)``; ``None`` means use ``mlp_ratio``.
+        dist_head: for a distilled model, whether the distillation token has its own head.
+            ``False`` is a DeiT fine-tuned without a teacher (Hugging Face's
+            ``DeiTForImageClassification``): the token still takes part in attention, but the
+            logits come from the class token alone, in training and in eval.
+    """
+
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
@@ -29,8 +81,33 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     distilled: bool = False  # DeiT: a distillation token and a second head
     drop_path_rate: float = 0.0
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    act: str = "gelu"
+    mlp_hidden: int | None = None
+    dist_head: bool = True
 
     def __post_init__(self) -> None:
+        for k in ("distilled", "qkv_bias", "dist_head"):
+            if not isinstance(getattr(self, k), bool):
+                raise VitcompressError(f"{k} must be true or false, got {getattr(self, k)!r}")
+        if self.act not in ACTIVATIONS:
+            raise VitcompressError(f"act {self.act!r} is not supported; use one of {ACTIVATIONS}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise VitcompressError(f"layer_norm_eps must be a number in (0, 1), got {eps!r}")
+        if self.mlp_hidden is not None and (
+            isinstance(self.mlp_hidden, bool)
+            or not isinstance(self.mlp_hidden, int)
+            or self.mlp_hidden < 1
+        ):
+            raise VitcompressError(
+                f"mlp_hidden must be an integer >= 1 or null, got {self.mlp_hidden!r}"
+            )
+        if not self.dist_head and not self.distilled:
+            raise VitcompressError(
+                "dist_head=False only applies to a distilled model (distilled=True)"
+            )
         if self.img_size % self.patch_size:
             raise VitcompressError(
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
@@ -42,6 +119,13 @@ class ViTConfig:
         for k in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth"):
             if getattr(self, k) < 1:
                 raise VitcompressError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP hidden width: ``mlp_hidden``, or ``int(embed_dim * mlp_ratio)``."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return int(self.embed_dim * self.mlp_ratio)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,12 +151,12 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.qk_matmul = MatMul()  # Q.K^T
         self.av_matmul = MatMul()  # A.V
@@ -95,10 +179,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = make_act(act)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,12 +205,13 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0):
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(dim, cfg.mlp_width, cfg.act)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +224,8 @@ class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al.) and, with ``distilled=True``, DeiT (Touvron et al.).
 
     A distilled model returns ``(logits_cls, logits_dist)`` while training and their mean in
-    eval mode, as DeiT does at inference.
+    eval mode, as DeiT does at inference. With ``dist_head=False`` it has no ``head_dist`` and
+    returns the class head's logits alone, as a plain ViT does.
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -155,12 +241,11 @@ class VisionTransformer(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, n + self.num_prefix_tokens, dim))
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.Sequential(
-            *[Block(dim, cfg.num_heads, cfg.mlp_ratio, dpr[i]) for i in range(cfg.depth)]
-        )
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.blocks = nn.Sequential(*[Block(cfg, dpr[i]) for i in range(cfg.depth)])
+        self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(dim, cfg.num_classes)
-        self.head_dist = nn.Linear(dim, cfg.num_classes) if cfg.distilled else None
+        has_dist_head = cfg.distilled and cfg.dist_head
+        self.head_dist = nn.Linear(dim, cfg.num_classes) if has_dist_head else None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -171,7 +256,8 @@ class VisionTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
