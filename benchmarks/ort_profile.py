@@ -56,10 +56,10 @@ def torch_median_ms(model: torch.nn.Module, x: np.ndarray, threads: int, runs: i
     times its ``torch-fp32`` variant."""
     import statistics
 
-    from vitcompress.bench import Variant, _torch_runner, time_rounds
+    from vitcompress.bench import Variant, time_rounds, torch_runner
 
     torch.set_num_threads(threads)
-    v = Variant("torch-fp32", "torch", "fp32", _torch_runner(model), 0)
+    v = Variant("torch-fp32", "torch", "fp32", torch_runner(model), 0)
     ts = time_rounds([v], x, runs, warmup=3, passes=1, pause=0.0)[v.name]
     return statistics.median(ts) * 1e3
 

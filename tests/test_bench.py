@@ -54,15 +54,15 @@ def test_bench_compressed_checkpoint_and_cli(tiny_vit_cfg, tmp_path, capsys):
     model = build_model(tiny_vit_cfg).eval()
     quantize_(model, QuantizeConfig(), [torch.randn(4, 1, 16, 16)])
     assert is_compressed(model)
-    record = {"kind": "quantize", "config": {"weights": "int8", "activations": "int8"}}
-    save_run(tmp_path / "run", model, {"model": tiny_vit_cfg, "compression": [record]})
+    save_run(tmp_path / "run", model, {"model": tiny_vit_cfg})  # stored packed, as compressed
     x = torch.randn(6, 1, 16, 16)
     with torch.no_grad():
         y = model(x).argmax(-1)
     rows = bench(checkpoint=tmp_path / "run", eval_loader=[(x[:4], y[:4]), (x[4:], y[4:])], **FAST)
     assert [r["variant"] for r in rows] == list(COMPRESSED_VARIANTS)
     assert rows[0]["top1"] == 100.0  # labelled by the model itself
-    assert all(0 <= r["top1"] <= 100 for r in rows)
+    for r in rows:  # a top-1 in percent over the 6 images: a whole number of them right
+        assert r["top1"] * 6 / 100 == pytest.approx(round(r["top1"] * 6 / 100)), r["variant"]
     by = {r["variant"]: r for r in rows}
     assert by["ort-model"]["format"] == "int8-qdq"
     assert by["ort-model-mha"]["format"] == "int8-qdq, fused attention"
@@ -82,8 +82,7 @@ def test_bench_compares_compressed_runs_of_the_same_model(tiny_vit_cfg, tmp_path
     q = build_model(tiny_vit_cfg).eval()
     q.load_state_dict(dense.state_dict())
     quantize_(q, QuantizeConfig(rest="int8"), [torch.randn(4, 1, 16, 16)])
-    record = {"kind": "quantize", "config": {"weights": "int8", "rest": "int8"}}
-    save_run(tmp_path / "int8-run", q, {"model": tiny_vit_cfg, "compression": [record]})
+    save_run(tmp_path / "int8-run", q, {"model": tiny_vit_cfg})
     x = torch.randn(6, 1, 16, 16)
     with torch.no_grad():
         y = dense(x).argmax(-1)
@@ -93,7 +92,8 @@ def test_bench_compares_compressed_runs_of_the_same_model(tiny_vit_cfg, tmp_path
     assert rows[2]["format"].endswith("run int8-run, fused attention")
     other = rows[1]
     assert other["format"].startswith("int8-qdq") and "int8-run" in other["format"]
-    assert other["speedup_b1"] > 0 and 0 <= other["top1"] <= 100
+    assert other["speedup_b1"] > 0
+    assert other["top1"] * 6 / 100 == pytest.approx(round(other["top1"] * 6 / 100))
     assert other["notes"]["packed_bytes"] < rows[0]["bytes_stored"] / 3  # int8 rest: ~4x
     # the CLI takes --compare, prints one JSON document
     code = main(["bench", "--checkpoint", str(tmp_path / "dense"), "--compare",

@@ -122,7 +122,7 @@ def _pin_threads(threads: int) -> None:
         pass
 
 
-def _torch_runner(model: nn.Module) -> Callable[[np.ndarray], object]:
+def torch_runner(model: nn.Module) -> Callable[[np.ndarray], object]:
     model.eval()
 
     def run(x: np.ndarray):
@@ -132,7 +132,7 @@ def _torch_runner(model: nn.Module) -> Callable[[np.ndarray], object]:
     return run
 
 
-def _ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
+def ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
     from vitcompress.export import INPUT, ort_session
 
     sess = ort_session(path, threads)  # spinning, onnxruntime's default (module docstring)
@@ -216,7 +216,7 @@ def build_variants(
         """``m`` exported as it is (the format its metadata names) on onnxruntime."""
         p = onnx(key, m)
         fmt = read_metadata(p).get("vitcompress.format", "?") + suffix
-        return Variant(name, "onnxruntime", fmt, _ort_runner(p, threads), p.stat().st_size)
+        return Variant(name, "onnxruntime", fmt, ort_runner(p, threads), p.stat().st_size)
 
     def restructured(name: str, key: str, make: Callable[[], nn.Module], what: str) -> Variant:
         """A one-shot restructured copy (made once), as fp32 or INT8 QDQ per ``name``."""
@@ -229,7 +229,7 @@ def build_variants(
             if key + "-q" not in cache:
                 cache[key + "-q"] = _quantized_copy(m, calib)
             p, fmt = onnx(f"{key}-int8-qdq", cache[key + "-q"]), f"int8 QDQ, {what}"
-        return Variant(name, "onnxruntime", fmt, _ort_runner(p, threads), p.stat().st_size)
+        return Variant(name, "onnxruntime", fmt, ort_runner(p, threads), p.stat().st_size)
 
     def quantized() -> nn.Module:
         if "q" not in cache:
@@ -240,7 +240,7 @@ def build_variants(
         fused = full_name.startswith("ort-") and full_name.endswith(FUSED_SUFFIX)
         name = full_name.removesuffix(FUSED_SUFFIX) if fused else full_name
         if name == "torch-model":
-            v = Variant(name, "torch", "as stored", _torch_runner(model), bytes_stored(model, cfg))
+            v = Variant(name, "torch", "as stored", torch_runner(model), bytes_stored(model, cfg))
         elif name == "torch-model-int8":
             from vitcompress.int8 import to_int8_
             from vitcompress.quantize import QuantLinear
@@ -249,36 +249,36 @@ def build_variants(
             if not any(isinstance(m, QuantLinear) for m in q.modules()):
                 continue  # not quantised: nothing to make real
             to_int8_(q)
-            v = Variant(name, "torch", "int8 real (to_int8_)", _torch_runner(q),
+            v = Variant(name, "torch", "int8 real (to_int8_)", torch_runner(q),
                         bytes_stored(q, cfg))  # fmt: skip
         elif name == "ort-model":
             v = ort_as_stored(name, "model", model)
         elif name == "torch-fp32":
-            v = Variant(name, "torch", "fp32", _torch_runner(model), bytes_stored(model, cfg))
+            v = Variant(name, "torch", "fp32", torch_runner(model), bytes_stored(model, cfg))
         elif name == "torch-int8-dynamic":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 q = torch.ao.quantization.quantize_dynamic(
                     copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8
                 )
-            v = Variant(name, "torch", "int8 dynamic (torch.ao)", _torch_runner(q), _torch_bytes(q))
+            v = Variant(name, "torch", "int8 dynamic (torch.ao)", torch_runner(q), _torch_bytes(q))
         elif name == "torch-int8":
             from vitcompress.int8 import to_int8_
 
             q = copy.deepcopy(quantized())
             to_int8_(q)
-            v = Variant(name, "torch", "int8 static (ours)", _torch_runner(q), bytes_stored(q, cfg))
+            v = Variant(name, "torch", "int8 static (ours)", torch_runner(q), bytes_stored(q, cfg))
         elif name == "ort-fp32":
             p = onnx("fp32", model)
-            v = Variant(name, "onnxruntime", "fp32", _ort_runner(p, threads), p.stat().st_size)
+            v = Variant(name, "onnxruntime", "fp32", ort_runner(p, threads), p.stat().st_size)
         elif name == "ort-int8-dynamic":
             dst = work_dir / f"ort-dynamic{FUSED_SUFFIX * fused}.onnx"
             p = quantize_dynamic_onnx(onnx("fp32", model), dst)
-            v = Variant(name, "onnxruntime", "int8 dynamic (ORT peer)", _ort_runner(p, threads),
+            v = Variant(name, "onnxruntime", "int8 dynamic (ORT peer)", ort_runner(p, threads),
                         p.stat().st_size)  # fmt: skip
         elif name == "ort-int8-qdq":
             p = onnx("int8-qdq", quantized())
-            v = Variant(name, "onnxruntime", "int8 QDQ (ours)", _ort_runner(p, threads),
+            v = Variant(name, "onnxruntime", "int8 QDQ (ours)", ort_runner(p, threads),
                         p.stat().st_size)  # fmt: skip
         elif name in ("ort-lowrank-fp32", "ort-lowrank-int8-qdq"):
             v = restructured(name, "lowrank", lambda: _lowrank_copy(model, rank_ratio),
@@ -292,14 +292,14 @@ def build_variants(
             if name.startswith("ort-"):
                 p = onnx(f"sparse-{s}", pruned)
                 v = Variant(name, "onnxruntime", f"fp32 {s:.2%} sparse, dense kernels",
-                            _ort_runner(p, threads), p.stat().st_size)  # fmt: skip
+                            ort_runner(p, threads), p.stat().st_size)  # fmt: skip
             else:
                 from vitcompress.sparse_exec import sparsify_for_inference, summary
 
                 sp = copy.deepcopy(pruned)
                 example = torch.from_numpy(_input(1, input_shape))
                 report = sparsify_for_inference(sp, min_sparsity=0.5, example_input=example)
-                v = Variant(name, "torch", f"fp32 {s:.2%} sparse, CSR", _torch_runner(sp),
+                v = Variant(name, "torch", f"fp32 {s:.2%} sparse, CSR", torch_runner(sp),
                             bytes_stored(pruned, cfg), {"sparse": summary(report)})  # fmt: skip
         else:
             raise VitcompressError(

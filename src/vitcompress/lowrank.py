@@ -165,21 +165,20 @@ class LowRankLinear(nn.Module):
         self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @classmethod
+    def like(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
+        """Unloaded factors of rank ``rank`` in ``linear``'s place (shapes, bias, device, dtype)."""
+        w = linear.weight
+        bias = linear.bias is not None
+        return cls(linear.in_features, linear.out_features, rank, bias, w.device, w.dtype)
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, split: str = "sqrt") -> LowRankLinear:
         """The rank-``rank`` SVD approximation of ``linear`` (bias copied)."""
-        w = linear.weight
-        new = cls(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            linear.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        new._load(svd(w), linear.bias, split)
+        new = cls.like(linear, rank)
+        new.load_svd(svd(linear.weight), linear.bias, split)
         return new
 
-    def _load(self, usv: tuple, bias: torch.Tensor | None, split: str) -> None:
+    def load_svd(self, usv: tuple, bias: torch.Tensor | None, split: str) -> None:
         A, B = factors_from_svd(*usv, self.rank, split)
         with torch.no_grad():
             self.first.weight.copy_(A)
@@ -258,10 +257,10 @@ class LowRankConv2d(nn.Module):
     def from_conv(cls, conv: nn.Conv2d, rank: int, split: str = "sqrt") -> LowRankConv2d:
         """The rank-``rank`` SVD approximation of ``conv`` (bias copied)."""
         new = cls.like(conv, rank)
-        new._load(svd(conv.weight), conv.bias, split)
+        new.load_svd(svd(conv.weight), conv.bias, split)
         return new
 
-    def _load(self, usv: tuple, bias: torch.Tensor | None, split: str) -> None:
+    def load_svd(self, usv: tuple, bias: torch.Tensor | None, split: str) -> None:
         A, B = factors_from_svd(*usv, self.rank, split)
         with torch.no_grad():
             self.first.weight.copy_(A.reshape(self.first.weight.shape))  # (r, in, kh, kw)

@@ -30,7 +30,7 @@ from vitcompress.errors import VitcompressError
 from vitcompress.fileio import atomic_write_bytes, read_json, write_json
 from vitcompress.models import build_model
 from vitcompress.pack import load_packed, save_packed
-from vitcompress.steps.registry import rebuild_structure_
+from vitcompress.steps.registry import describe_structure, rebuild_structure_
 from vitcompress.train import ResumeState
 
 WEIGHTS = "model.safetensors"
@@ -76,14 +76,17 @@ def save_weights(model: nn.Module, path: Path) -> None:
 def save_run(out: Path, model: nn.Module, config: dict, metrics: dict | None = None) -> None:
     """Write a run directory: weights first, then config, then metrics (the 'done' marker).
 
-    A config with ``compression`` records (a compressed model) stores the weights packed
-    (``model.packed``); any other the dense ``model.safetensors``. The other file is removed, so
-    a directory holds one set of weights.
+    A compressed model (one with structure records, :func:`describe_structure`) is stored
+    packed (``model.packed``), and its config's ``compression`` is set to those records; any
+    other model as the dense ``model.safetensors``. The other file is removed, so a directory
+    holds one set of weights.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {**config, "versions": config.get("versions", versions())}
-    if config.get("compression"):
+    records = describe_structure(model)
+    if records:
+        config["compression"] = records
         save_packed(model, out / PACKED, config)
         (out / WEIGHTS).unlink(missing_ok=True)
     else:

@@ -134,12 +134,11 @@ def _factorize(model: nn.Module, config: LowRankConfig) -> dict[str, FactorInfo]
         if not saves_params(shape, rank):
             report[name] = FactorInfo(rank, "skipped")
             continue
-        w = module.weight
         if isinstance(module, nn.Linear):
-            new: nn.Module = LowRankLinear(p, n, rank, has_bias, device=w.device, dtype=w.dtype)
+            new: nn.Module = LowRankLinear.like(module, rank)
         else:
             new = LowRankConv2d.like(module, rank)
-        new._load(usv, module.bias, config.split)
+        new.load_svd(usv, module.bias, config.split)
         new.train(module.training)
         replace_module(model, name, new)
         nb = n if has_bias else 0
@@ -164,16 +163,8 @@ def restore_lowrank_(model: nn.Module, ranks: Mapping[str, int]) -> None:
             raise VitcompressError(
                 f"no layer named {name!r} to restore a low-rank layer in"
             ) from None
-        w = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and w is not None:
-            new: nn.Module = LowRankLinear(
-                module.in_features,
-                module.out_features,
-                rank,
-                module.bias is not None,
-                device=w.device,
-                dtype=w.dtype,
-            )
+        if isinstance(module, nn.Linear):
+            new: nn.Module = LowRankLinear.like(module, rank)
         elif isinstance(module, nn.Conv2d):
             new = LowRankConv2d.like(module, rank)
         else:
@@ -193,9 +184,7 @@ class LowRankStep(Step):
         chosen = select_modules(shadow, config.targets, config.ignore, (nn.Linear, nn.Conv2d), what)
         for name, mod in chosen:  # later steps see fc1.first / fc1.second
             if isinstance(mod, nn.Linear) and not name.endswith((".first", ".second")):
-                new = LowRankLinear(mod.in_features, mod.out_features, 1, mod.bias is not None,
-                                    device="meta")  # fmt: skip
-                replace_module(shadow, name, new)
+                replace_module(shadow, name, LowRankLinear.like(mod, 1))
 
     def apply(self, model: nn.Module, config: LowRankConfig, ctx: StepContext, index: int) -> dict:
         info = _factorize(model, config)

@@ -10,13 +10,14 @@ the raw image and is a small share of the compute.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
+from vitcompress.config import as_patterns, build_config
 from vitcompress.errors import VitcompressError
 from vitcompress.formats import GRANULARITIES, FloatFormat, Format, IntFormat, get_format
 from vitcompress.int8 import Int8Linear, to_int8_
@@ -33,7 +34,7 @@ from vitcompress.quantize import (
 )
 from vitcompress.steps.registry import Step, StepContext
 from vitcompress.targets import (
-    check_patterns,
+    Patterns,
     get_submodule_parent,
     name_matches,
     replace_module,
@@ -106,8 +107,8 @@ class QuantizeConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     dynamic: bool = False
     attention_matmul: str = "fp32"
-    targets: str | list[str] = "*"
-    ignore: str | list[str] | None = None
+    targets: Patterns = "*"
+    ignore: Patterns = None
     scales: str = "fp32"
     rest: str = "fp32"
 
@@ -136,24 +137,15 @@ class QuantizeConfig:
             if not isinstance(getattr(self, key), bool):
                 _fail("quantize", key, getattr(self, key), "true or false")
         cal = self.calibration
-        if isinstance(cal, dict):
-            known = {f.name for f in fields(CalibrationConfig)}
-            unknown = sorted(set(cal) - known)
-            if unknown:
-                _fail("quantize", "calibration", unknown[0], f"keys among {sorted(known)}")
-            object.__setattr__(self, "calibration", CalibrationConfig(**cal))
+        if isinstance(cal, Mapping):
+            cal = build_config(CalibrationConfig, cal, "quantize.calibration")
+            object.__setattr__(self, "calibration", cal)
         elif not isinstance(cal, CalibrationConfig):
             _fail("quantize", "calibration", cal, "a mapping like {method: minmax, batches: 8}")
+        if self.targets is None:
+            _fail("quantize", "targets", None, "a name pattern or a list of them")
         for key in ("targets", "ignore"):
-            value = getattr(self, key)
-            if value is None and key == "ignore":
-                continue
-            ok = isinstance(value, str) or (
-                isinstance(value, list | tuple) and all(isinstance(p, str) for p in value)
-            )
-            if not ok:
-                _fail("quantize", key, value, "a name pattern or a list of them")
-            check_patterns(value, f"quantize.{key}")
+            object.__setattr__(self, key, as_patterns(getattr(self, key), f"quantize.{key}"))
 
     # --- the formats, with ``symmetric`` applied ------------------------------------------
     def _fmt(self, name: str | None, narrow: bool) -> Format | None:
