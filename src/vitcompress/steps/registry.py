@@ -34,6 +34,7 @@ STEP_MODULES: tuple[str, ...] = (
     "vitcompress.steps.prune",
     "vitcompress.steps.finetune",
     "vitcompress.steps.quantize",
+    "vitcompress.steps.noise",
 )
 
 
