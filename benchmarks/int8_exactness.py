@@ -74,8 +74,9 @@ def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
 
 
 def model_rows(tmp: Path) -> list[str]:
-    from vitcompress.export import INPUT, export_onnx
+    from vitcompress.export import export_onnx
     from vitcompress.models import build_model, model_config
+    from vitcompress.ort import INPUT
     from vitcompress.steps.quantize import QuantizeConfig, quantize_
 
     torch.manual_seed(0)

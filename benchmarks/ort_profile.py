@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 
 def profile(path: Path, x: np.ndarray, threads: int, runs: int, prefix: str) -> dict[str, float]:
     """Mean milliseconds per run spent in each operator type."""
-    from vitcompress.export import INPUT
+    from vitcompress.ort import INPUT
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads

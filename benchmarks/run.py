@@ -225,7 +225,7 @@ def run_loaders(run_dir: Path, calib_batches: int):
 
 def main(argv: list[str] | None = None) -> int:
     from vitcompress.bench import bench
-    from vitcompress.export import onnx_ops
+    from vitcompress.ort import onnx_ops
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=["vit-tiny", "vit-small"])

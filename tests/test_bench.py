@@ -38,7 +38,7 @@ def test_bench_preset_reports_every_variant(tmp_path):
     assert all(v in table for v in DEFAULT_VARIANTS) and "b4 img/s" in table
     assert (tmp_path / "int8-qdq.onnx").is_file()
     # fused attention: the same model, one MultiHeadAttention node per block
-    from vitcompress.export import onnx_ops
+    from vitcompress.ort import onnx_ops
 
     assert by["ort-int8-qdq-mha"]["format"] == "int8 QDQ (ours), fused attention"
     blocks = model_config("vit-nano")["depth"]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from vitcompress.cli import build_parser, main
-from vitcompress.export import EXPORT_FORMATS, read_metadata
+from vitcompress.export import EXPORT_FORMATS
+from vitcompress.ort import read_metadata
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_file(), reason="dataset-fashion-mnist missing")

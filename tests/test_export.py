@@ -5,18 +5,17 @@ import pytest
 import torch
 
 from vitcompress.errors import VitcompressError
-from vitcompress.export import (
+from vitcompress.export import export_cli, export_onnx
+from vitcompress.int8 import cpu_has_vnni, to_int8_
+from vitcompress.models import build_model, create_model
+from vitcompress.ort import (
     agreement,
     check_onnx,
-    export_cli,
-    export_onnx,
     onnx_ops,
     ort_session,
     quantize_dynamic_onnx,
     read_metadata,
 )
-from vitcompress.int8 import cpu_has_vnni, to_int8_
-from vitcompress.models import build_model, create_model
 from vitcompress.pack import load_packed
 from vitcompress.runs import save_run
 from vitcompress.steps.lowrank import LowRankConfig, factorize_

@@ -220,7 +220,7 @@ def test_bad_new_fields(kwargs, match):
 
 
 def test_qkv_without_bias_shrinks_and_restores():
-    from vitcompress.shrink import ShrinkConfig, restore_shrink_, shrink_, shrink_structure
+    from vitcompress.steps.shrink import ShrinkConfig, restore_shrink_, shrink_, shrink_structure
 
     torch.manual_seed(0)
     model = create_model("vit-nano", **NANO, qkv_bias=False).eval()

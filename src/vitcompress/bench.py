@@ -38,12 +38,10 @@ Variants (names as in the results):
 
 Each runtime runs as a user gets it: torch's OpenMP threads and onnxruntime's thread pool both
 busy-wait (spin) for a while after a call, which is what makes them fast at batch 1. Switching
-that off is no fair baseline: with ``OMP_WAIT_POLICY=PASSIVE`` torch fp32 took 46 ms instead of
-28 ms for vit-tiny at batch 1 and 5.9 ms instead of 1.3 ms for the Fashion-MNIST vit-nano (2
-cores), and onnxruntime without spinning 28 ms instead of 20 ms. But spinning threads starve
-whatever runs next on the same cores (torch fp32 vit-tiny: 62 ms when each call followed a
-spinning onnxruntime call). Hence the blocks: a variant's calls follow each other, and the pause
-before each block lets the previous runtime's threads stop spinning. Each row records the
+that off (``OMP_WAIT_POLICY=PASSIVE``) is no fair baseline: it makes both much slower at batch
+1. But spinning threads starve whatever runs next on the same cores. Hence the blocks: a
+variant's calls follow each other, and the pause before each block lets the previous runtime's
+threads stop spinning. Each row records the
 ``OMP_WAIT_POLICY`` it ran under.
 
 Random inputs (and random calibration batches unless ``calib`` is given): speed does not depend
@@ -133,7 +131,7 @@ def torch_runner(model: nn.Module) -> Callable[[np.ndarray], object]:
 
 
 def ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
-    from vitcompress.export import INPUT, ort_session
+    from vitcompress.ort import INPUT, ort_session
 
     sess = ort_session(path, threads)  # spinning, onnxruntime's default (module docstring)
     return lambda x: sess.run(None, {INPUT: x})
@@ -194,7 +192,8 @@ def build_variants(
     """The requested variants of ``model`` (module docstring), with their artifacts in
     ``work_dir``; then one ``ort-<label>`` variant per ``(label, model, config)`` of
     ``compare``."""
-    from vitcompress.export import export_onnx, quantize_dynamic_onnx, read_metadata
+    from vitcompress.export import export_onnx
+    from vitcompress.ort import quantize_dynamic_onnx, read_metadata
     from vitcompress.pack import bytes_stored
 
     cfg = dict(config or {})

@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--amp",
         choices=["bf16", "fp16"],
-        help="mixed precision: bf16 autocast (1.6x faster for the ResNet teacher on a CPU with "
+        help="mixed precision: bf16 autocast (faster for the ResNet teacher on a CPU with "
         "native bf16; falls back to fp32 on one without), fp16 on CUDA only",
     )
     p.add_argument(

@@ -50,14 +50,12 @@ def cpu_has_vnni() -> bool:
 
     Without it, fbgemm's (and onnxruntime's) uint8 x int8 kernels add pairs of products in
     saturating int16 (``vpmaddubsw``): 255 x 127 x 2 overflows, so results drift from the exact
-    integer GEMM (measured on an AVX2-only AMD EPYC: 10 % of the output range on a random toy
-    ViT, -0.04 points of top-1 on the trained Fashion-MNIST vit-nano). ``torch._int_mm``
-    stays exact there but runs ~10x slower than fbgemm, so ``backend="auto"`` keeps fbgemm for
-    speed; exact choices there are ``backend="int_mm"``, or 7-bit weights (``weights: int7``,
-    codes in [-63, 63]: 255 x 63 x 2 fits int16), with which fbgemm is exact (tested), and so
-    is onnxruntime's ``MatMulInteger`` (``benchmarks/int8_exactness.py``: 0 outputs off with
-    7-bit weights, 97 % with 8-bit ones); what then remains between onnxruntime and torch is
-    their float arithmetic outside the GEMMs.
+    integer GEMM. ``torch._int_mm`` stays exact there but runs far slower than fbgemm, so
+    ``backend="auto"`` keeps fbgemm for speed; exact choices there are ``backend="int_mm"``, or
+    7-bit weights (``weights: int7``, codes in [-63, 63]: 255 x 63 x 2 fits int16), with which
+    fbgemm is exact (tested), and so is onnxruntime's ``MatMulInteger``; what then remains
+    between onnxruntime and torch is their float arithmetic outside the GEMMs
+    (``benchmarks/INT8_EXACTNESS.md`` has the numbers).
     """
     return any(f in cpu_flags() for f in VNNI_FLAGS)
 
@@ -82,14 +80,13 @@ class Int8Linear(nn.Module):
     ``y = s_x * s_w * (q_x - z_x) @ q_w^T + b`` with ``q_w`` symmetric (per output channel or
     per tensor) and ``q_x`` quantised per tensor with calibrated qparams (static), or per token
     at run time (dynamic: ``input_scale`` is None). Two kernels; ``backend="auto"`` takes the
-    faster one each mode allows (measured on ViT-small Linear shapes, 197 and 32 x 197 tokens,
-    one thread of an AVX512-VNNI Xeon, against fp32 ``F.linear``):
+    faster one each mode allows (on ViT Linear shapes, fbgemm was the faster where it applies):
 
-    - ``fbgemm`` (static only, 2.1-2.7x): torch's quantized CPU engine quantizes the input, runs
+    - ``fbgemm`` (static only): torch's quantized CPU engine quantizes the input, runs
       the integer GEMM and rescales in one fused call, prepacked from our codes (rebuilt lazily
       when the tensors change). The input needs no extra pass when its codes span all 256
       values, as the full-range activations of :mod:`vitcompress.quantize` do.
-    - ``int_mm`` (static 1.4-2.5x, dynamic per token 1.1-1.8x): ``torch._int_mm`` (oneDNN,
+    - ``int_mm`` (static or dynamic per token): ``torch._int_mm`` (oneDNN,
       int32 accumulation; any shape on the CPU) over tiles of ``tile_rows`` rows, with the
       quantization and rescaling in eager torch around it. The only one with per-token scales,
       and the fallback wherever fbgemm is missing.

@@ -5,15 +5,13 @@ when the product skips them. :class:`SparseLinear` keeps the weight as a CSR mat
 ``y^T = b + W_csr @ x^T`` (``torch.addmm`` with the sparse matrix on the left), over tiles of
 ``chunk`` tokens so that each tile of ``x^T`` stays in cache.
 
-Orientation and format measured on this project's CPU (one Xeon core, AVX-512, torch 2.13,
-768x3072 Linear, 197 tokens): ``addmm(b, W_csr, x^T)`` beat ``sparse.mm(W_csr, x^T)``, COO
-(3-4x slower) and ``x @ W^T_csr`` (10-40x slower); int32 and int64 indices ran the same.
-Without tiling, the speed-up fell with the token count (1576 tokens: 0.76x at 90 %); 128-token
-tiles restore most of it. The speed-up over dense is roughly ``1 / (SPARSE_COST * density)``
-with ``SPARSE_COST`` about 5.5, i.e. sparse wins above about 82 % sparsity; the issue measured
-0.36x at 50 %, 1.6x at 90 %, 5.3x at 95 % and 9x at 97 %. :func:`sparsify_for_inference`
-converts only the layers where the kernel wins, by measuring each layer on its real input
-shape (given an example input) or by that cost model.
+Why this form: ``addmm(b, W_csr, x^T)`` (the sparse matrix on the left, CSR) beat
+``sparse.mm``, COO and ``x @ W^T_csr`` on the CPUs tried, and without tiling the speed-up fell
+as the token count grew. The speed-up over dense is modelled as
+``1 / (SPARSE_COST * density)``: sparse only wins at high sparsity (``benchmarks/RESULTS.md``
+has the measured curve). :func:`sparsify_for_inference` converts only the layers where the
+kernel wins, by measuring each layer on its real input shape (given an example input) or by
+that cost model.
 """
 
 from __future__ import annotations

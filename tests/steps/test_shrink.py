@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from vitcompress.errors import VitcompressError
-from vitcompress.export import export_onnx, read_metadata
+from vitcompress.export import export_onnx
 from vitcompress.measure import compression_fields
 from vitcompress.models import build_model, model_config
+from vitcompress.ort import read_metadata
 from vitcompress.pack import load_packed, save_packed
 from vitcompress.runs import load_run, save_run
 from vitcompress.steps.quantize import QuantizeConfig, quantize_

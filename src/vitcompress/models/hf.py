@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from vitcompress.errors import VitcompressError
-from vitcompress.models.timm import (
+from vitcompress.models.imported import (
     ImportedModel,
     dtypes_of,
     find_weights,

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from vitcompress.errors import VitcompressError, check_known_fields
+from vitcompress.config import check_known_fields
+from vitcompress.errors import VitcompressError
 
 
 @dataclass(frozen=True)

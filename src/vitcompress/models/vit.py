@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitcompress.errors import VitcompressError, check_known_fields
+from vitcompress.config import check_known_fields
+from vitcompress.errors import VitcompressError
 
 
 class QuickGELU(nn.Module):

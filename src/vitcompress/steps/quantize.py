@@ -91,7 +91,7 @@ class QuantizeConfig:
         rest: the precision of every other floating-point parameter (biases, norms, position
             embedding, class token, patch projection, layers left out of ``targets``): ``fp32``
             keeps them, ``fp16`` / ``bf16`` round them, so a packed INT8 model stores them in 2
-            bytes instead of 4 (on a 0.8 M-parameter model they are ~10 % of the INT8 file).
+            bytes instead of 4 (on a small ViT they are a noticeable share of the INT8 file).
             A signed integer format (``int8``, ... ``int2``) quantises them weight-only and
             symmetrically, with a 2-byte scale per slice along dim 0 (per output channel of the
             patch projection) for tensors of 2 or more dimensions and one per tensor for
