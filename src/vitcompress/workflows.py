@@ -15,6 +15,7 @@ from vitcompress.errors import VitcompressError
 from vitcompress.fileio import read_json
 from vitcompress.measure import compression_fields, params_nonzero, params_total, speed_fields
 from vitcompress.models import build_model, model_config
+from vitcompress.models.transfer import adapt_model
 from vitcompress.runs import (
     CONFIG,
     METRICS,
@@ -22,9 +23,7 @@ from vitcompress.runs import (
     TRAIN_STATE,
     WEIGHTS,
     load_run,
-    load_state_checked,
     load_train_state,
-    read_weights,
     save_run,
     save_train_state,
     versions,
@@ -48,18 +47,33 @@ def resolve_img_size(spec: str, preset_cfg: dict, img_size: int | None) -> int:
     return NATIVE_SIZE.get(data_kind(spec), preset_cfg["img_size"])
 
 
-def loaders(data_cfg: dict, batch_size: int, eval_batch_size: int = 256):
-    """(train loader, test loader, info) for a run's data section."""
-    from vitcompress.data import load_data, make_loader
+def datasets(data_cfg: dict, augment: bool | str | None = None):
+    """(train set, test set, info) for a run's data section. A model with its own
+    preprocessing (``data_cfg["preprocess"]``: an imported model, or one fine-tuned from it)
+    sees its inputs normalised, resized and cropped as it was trained, not by the data's
+    statistics."""
+    from vitcompress.data import load_data
 
-    train_ds, test_ds, info = load_data(
+    prep = data_cfg.get("preprocess") or {}
+    return load_data(
         data_cfg["spec"],
         img_size=data_cfg["img_size"],
         seed=data_cfg.get("seed", 0),
-        augment=data_cfg.get("augment", True),
+        augment=data_cfg.get("augment", True) if augment is None else augment,
         limit=data_cfg.get("limit"),
         channels=data_cfg.get("channels"),
+        mean=prep.get("mean"),
+        std=prep.get("std"),
+        interpolation=prep.get("interpolation", "bilinear"),
+        crop_pct=prep.get("crop_pct", 1.0),
     )
+
+
+def loaders(data_cfg: dict, batch_size: int, eval_batch_size: int = 256):
+    """(train loader, test loader, info) for a run's data section."""
+    from vitcompress.data import make_loader
+
+    train_ds, test_ds, info = datasets(data_cfg)
     seed = data_cfg.get("seed", 0)
     train_loader = make_loader(train_ds, batch_size, shuffle=True, seed=seed)
     test_loader = make_loader(test_ds, eval_batch_size, shuffle=False, seed=seed)
@@ -93,7 +107,7 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
 
 
 def train_run(
-    model: str,
+    model: str | None,
     data: str,
     out: Path,
     config: TrainConfig | None = None,
@@ -110,9 +124,14 @@ def train_run(
     says; returns its metrics.
 
     ``teacher``: a run directory to distil from (``config.distill`` defaults to hard then).
-    ``init_from``: a run directory of the same model whose weights start this training (a fresh
-    schedule and optimizer; for continuing a finished run with more epochs). ``resume``: go on
-    with the interrupted run in ``out`` exactly where its last epoch ended.
+    ``init_from``: a dense run directory (trained here, or imported) whose weights start this
+    training with a fresh schedule: to train longer, or to transfer it to new data. The model
+    is the run's (``model`` may be None); it gets new class heads when the data has another
+    number of classes, its position embedding resampled (bicubic, as timm) when
+    ``config.img_size`` differs from its input size, and its patch embedding adapted when
+    ``channels`` differs from its input channels (as timm's ``adapt_input_conv``). Without
+    ``img_size`` / ``channels`` it keeps its own (images are resized, gray shown as RGB).
+    ``resume``: go on with the interrupted run in ``out`` exactly where its last epoch ended.
     """
     from dataclasses import replace
 
@@ -123,13 +142,31 @@ def train_run(
     if teacher is not None and not cfg.distill:
         cfg = replace(cfg, distill="hard")
     _check_out(out, resume, force)
+    base = base_cfg = None
     if resume:
         saved = read_json(out / CONFIG)
         model_cfg, data_cfg = saved["model"], saved["data"]
         cfg = TrainConfig.from_dict(saved["train"], f"{out / CONFIG}: train")
         teacher = Path(saved["teacher"]) if saved.get("teacher") else None
         init_from = Path(saved["init_from"]) if saved.get("init_from") else None
+    elif init_from is not None:
+        base, base_cfg = _init_model(init_from, model)
+        m = base_cfg["model"]
+        data_cfg = {
+            "spec": data,
+            "img_size": cfg.img_size or m["img_size"],
+            "seed": cfg.seed,
+            "augment": cfg.augment,
+            "limit": limit,
+            "channels": channels or m["in_chans"],
+        }
+        prep = base_cfg.get("preprocess") or (base_cfg.get("data") or {}).get("preprocess")
+        if prep:
+            data_cfg["preprocess"] = _prep_for_channels(prep, data_cfg["channels"])
+        model_cfg = None
     else:
+        if model is None:
+            raise VitcompressError("give a model preset (--model), or --init-from RUN")
         preset = model_config(model)
         size = resolve_img_size(data, preset, cfg.img_size)
         data_cfg = {
@@ -143,7 +180,12 @@ def train_run(
         model_cfg = None
     torch.manual_seed(cfg.seed)
     train_loader, test_loader, info = loaders(data_cfg, cfg.batch_size)
-    if model_cfg is None:
+    if base is not None:
+        net, model_cfg = adapt_model(
+            base, base_cfg["model"], img_size=data_cfg["img_size"],
+            in_chans=data_cfg["channels"], num_classes=len(info.classes),
+        )  # fmt: skip
+    elif model_cfg is None:
         is_vit = model_config(model)["arch"] == "vit"
         extra = {"drop_path_rate": cfg.drop_path} if cfg.drop_path and is_vit else {}
         model_cfg = model_config(
@@ -154,11 +196,9 @@ def train_run(
             num_classes=len(info.classes),
             **extra,
         )
-    torch.manual_seed(cfg.seed)
-    net = build_model(model_cfg)
-    if init_from is not None and not resume:
-        init_w = Path(init_from) / WEIGHTS
-        load_state_checked(net, read_weights(init_w), str(init_w))
+    if base is None:
+        torch.manual_seed(cfg.seed)
+        net = build_model(model_cfg)
     teacher_net = load_teacher(teacher, model_cfg) if teacher is not None else None
     run_config = {
         "model": model_cfg,
@@ -167,6 +207,7 @@ def train_run(
         "train": cfg.to_dict(),
         "teacher": str(teacher) if teacher is not None else None,
         "init_from": str(init_from) if init_from is not None else None,
+        **{k: base_cfg[k] for k in ("source", "preprocess") if base_cfg and base_cfg.get(k)},
         "seed": cfg.seed,
         "command": " ".join(["vitcompress", *sys.argv[1:]]) if sys.argv else None,
         "versions": versions(),
@@ -197,24 +238,72 @@ def train_run(
     return metrics
 
 
+def run_data(config: dict, where: Path, data: str | None, limit: int | None) -> dict:
+    """The data section a job on a run reads: the run's own, ``data`` instead of its source, at
+    the model's input size and channels, with the model's own preprocessing."""
+    data_cfg = dict(config.get("data") or {})
+    if data:
+        data_cfg["spec"] = data
+    if not data_cfg.get("spec"):
+        raise VitcompressError(
+            f"{where} has no data of its own (an imported model): pass --data, e.g. "
+            "imagefolder:PATH"
+        )
+    if limit:
+        data_cfg["limit"] = limit
+    model = config["model"]
+    data_cfg.update(img_size=model["img_size"], channels=model["in_chans"])
+    if config.get("preprocess") and not data_cfg.get("preprocess"):
+        data_cfg["preprocess"] = config["preprocess"]
+    return data_cfg
+
+
+def check_classes(info, model_cfg: dict, spec: str) -> None:
+    if len(info.classes) != model_cfg["num_classes"]:
+        raise VitcompressError(
+            f"data {spec} has {len(info.classes)} classes, the model {model_cfg['num_classes']}"
+            " (fine-tune it on this data first: train --init-from RUN --data ...)"
+        )
+
+
+def _init_model(init_from: Path, preset: str | None) -> tuple[nn.Module, dict]:
+    """The dense model a training starts from, and its run config."""
+    base, base_cfg = load_run(init_from)
+    if base_cfg.get("compression"):
+        raise VitcompressError(
+            f"--init-from {init_from} is a compressed run; start from a dense one (a recipe's "
+            "finetune step trains a compressed model)"
+        )
+    have = base_cfg["model"].get("preset")
+    if preset is not None and have is not None and preset != have:
+        raise VitcompressError(
+            f"--model {preset}, but --init-from {init_from} holds a {have}: leave out --model"
+        )
+    if preset is not None and have is None:
+        raise VitcompressError(
+            f"--init-from {init_from} holds an imported model of no preset; leave out --model"
+        )
+    base.train()
+    return base, base_cfg
+
+
+def _prep_for_channels(prep: dict, channels: int) -> dict:
+    """A model's preprocessing for ``channels`` input channels: one mean/std per channel (the
+    average repeated when the patch embedding was adapted to another count)."""
+    mean, std = list(prep["mean"]), list(prep["std"])
+    if len(mean) != channels:
+        mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
+    return {**prep, "mean": mean, "std": std}
+
+
 def evaluate_run(
     checkpoint: Path, data: str | None = None, limit: int | None = None, device: str = "auto"
 ) -> dict:
     """Evaluate a run directory on its own test split (or another data spec of the same shape)."""
     model, config = load_run(checkpoint)
-    data_cfg = dict(config["data"])
-    if data:
-        data_cfg["spec"] = data
-    if limit:
-        data_cfg["limit"] = limit
-    data_cfg["augment"] = False
-    data_cfg["channels"] = config["model"]["in_chans"]
+    data_cfg = {**run_data(config, Path(checkpoint), data, limit), "augment": False}
     _, test_loader, info = loaders(data_cfg, 256)
-    if len(info.classes) != config["model"]["num_classes"]:
-        raise VitcompressError(
-            f"data {data_cfg['spec']} has {len(info.classes)} classes, the model "
-            f"{config['model']['num_classes']}"
-        )
+    check_classes(info, config["model"], data_cfg["spec"])
     dev = pick_device(device)
     m = evaluate(model.to(dev), test_loader, dev)
     model.cpu()
@@ -231,16 +320,9 @@ def evaluate_run(
 
 def _calib_loader(data_cfg: dict, batch_size: int = 64):
     """Training images without augmentation, in a fixed shuffled order, for calibration."""
-    from vitcompress.data import load_data, make_loader
+    from vitcompress.data import make_loader
 
-    train_ds, _, _ = load_data(
-        data_cfg["spec"],
-        img_size=data_cfg["img_size"],
-        seed=data_cfg.get("seed", 0),
-        augment=False,
-        limit=data_cfg.get("limit"),
-        channels=data_cfg.get("channels"),
-    )
+    train_ds, _, _ = datasets(data_cfg, augment=False)
     return make_loader(train_ds, batch_size, shuffle=True, seed=data_cfg.get("seed", 0) + 1)
 
 
@@ -274,21 +356,12 @@ def compress_run(
     check_recipe_names(recipe, model)
     _check_out(out, False, force)
 
-    data_cfg = dict(base_cfg["data"])
-    if data:
-        data_cfg["spec"] = data
-    if limit:
-        data_cfg["limit"] = limit
-    data_cfg["channels"] = base_cfg["model"]["in_chans"]
+    data_cfg = run_data(base_cfg, Path(checkpoint), data, limit)
     seed = int(data_cfg.get("seed", 0))
     dev = pick_device(device)
     torch.manual_seed(seed)
     train_loader, test_loader, info = loaders({**data_cfg, "augment": True}, recipe.batch_size())
-    if len(info.classes) != base_cfg["model"]["num_classes"]:
-        raise VitcompressError(
-            f"data {data_cfg['spec']} has {len(info.classes)} classes, the model "
-            f"{base_cfg['model']['num_classes']}"
-        )
+    check_classes(info, base_cfg["model"], data_cfg["spec"])
     calib = _calib_loader(data_cfg) if recipe.needs_calibration() else None
     dense = copy.deepcopy(model)
 

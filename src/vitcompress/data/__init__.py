@@ -12,6 +12,7 @@ do not apply); an image folder without ``train/`` and ``val/`` is split per clas
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitcompress.data import cifar10, fashion_mnist, imagefolder, memory
 from vitcompress.data.sampler import EpochShuffleSampler
-from vitcompress.data.transforms import ImageTransform
+from vitcompress.data.transforms import ImageTransform, check_interpolation, scaled_size
 from vitcompress.errors import VitcompressError
 
 __all__ = ["DataInfo", "load_data", "data_info", "make_loader", "parse_spec", "SPEC_FORMS"]
@@ -78,6 +79,16 @@ def _check(
 AUGMENT_MODES = ("crop+flip", "flip", "crop", "none")
 
 
+@dataclass(frozen=True)
+class Prep:
+    """A model's own preprocessing: normalisation (None: the data's), resize, centre crop."""
+
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+
 def augment_mode(augment: bool | str) -> tuple[bool, bool]:
     """``(crop, flip)`` of an augmentation setting: True / False or one of AUGMENT_MODES."""
     if augment is True:
@@ -101,6 +112,10 @@ def load_data(
     limit: int | None = None,
     channels: int | None = None,
     flip: bool = True,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str = "bilinear",
+    crop_pct: float = 1.0,
 ) -> tuple[Dataset, Dataset, DataInfo]:
     """Training set (augmented when ``augment``), test/val set (never augmented), and info.
 
@@ -116,8 +131,20 @@ def load_data(
         channels: 1 or 3 to convert (gray repeated to RGB, RGB to luminance); None keeps the
             source's (1 for fashion-mnist, 3 otherwise).
         flip: allow the horizontal flip when augmenting.
+        mean, std: a model's own normalisation (per output channel, 0..1 scale) instead of the
+            data's statistics: an imported model sees its inputs as it was trained on them.
+        interpolation, crop_pct: the resize (``bilinear``, ``bicubic``, ``nearest``) and the
+            centre crop (resize to ``floor(img_size / crop_pct)``, keep the centre) of a model's
+            own preprocessing; every split, training too, is prepared the same way.
     """
     _check(img_size, val_fraction, limit, channels)
+    check_interpolation(interpolation)
+    scaled_size(1, crop_pct)
+    fixed = mean is not None or std is not None
+    if fixed and (mean is None or std is None or len(mean) != len(std)):
+        raise VitcompressError(f"give mean and std together, one value per channel: {mean}, {std}")
+    if fixed and channels is not None and len(mean) != channels:
+        raise VitcompressError(f"mean {list(mean)} has {len(mean)} values for {channels} channels")
     crop, flip_ok = augment_mode(augment)
     augment, flip = crop or (flip and flip_ok), flip and flip_ok
     pad = None if crop else 0
@@ -125,20 +152,24 @@ def load_data(
     size = img_size or DEFAULT_SIZE[kind]
     if kind == "imagefolder":
         assert path is not None
+        prep = Prep(mean, std, interpolation, crop_pct)
         return _load_imagefolder(
-            spec, path, size, seed, augment, val_fraction, limit, channels, flip, pad
+            spec, path, size, seed, augment, val_fraction, limit, channels, flip, pad, prep
         )
     if kind == "fashion-mnist":
         train, test = fashion_mnist.load_arrays(path or fashion_mnist.DEFAULT_DIR)
-        classes, mean, std = fashion_mnist.CLASSES, fashion_mnist.MEAN, fashion_mnist.STD
+        classes = fashion_mnist.CLASSES
+        data_mean, data_std = fashion_mnist.MEAN, fashion_mnist.STD
     else:
         assert path is not None
         train, test, classes = cifar10.load_arrays(path)
-        mean, std = cifar10.MEAN, cifar10.STD
-    out_channels = channels or train[0].shape[1]
+        data_mean, data_std = cifar10.MEAN, cifar10.STD
+    out_channels = channels or (len(mean) if fixed else train[0].shape[1])
+    own_mean, own_std = (mean, std) if fixed else (data_mean, data_std)
     tr, te, mean, std = memory.build(
-        train, test, classes, mean, std,
+        train, test, classes, own_mean, own_std,
         img_size=size, channels=out_channels, augment=augment, flip=flip, limit=limit, pad=pad,
+        interpolation=interpolation, crop_pct=crop_pct, fixed_stats=fixed,
     )  # fmt: skip
     info = DataInfo(kind, spec, list(classes), out_channels, size, mean, std, len(tr), len(te))
     return tr, te, info
@@ -155,17 +186,27 @@ def _load_imagefolder(
     channels: int | None,
     flip: bool,
     pad: int | None,
+    prep: Prep,
 ) -> tuple[Dataset, Dataset, DataInfo]:
     classes, train, val = imagefolder.scan(path, val_fraction, seed)
-    out_channels = channels or 3
+    out_channels = channels or (len(prep.mean) if prep.mean is not None else 3)
     mode = "L" if out_channels == 1 else "RGB"
-    mean, std = imagefolder.dataset_stats(train, size, mode)  # from the whole training split
+    if prep.mean is not None:
+        mean, std = tuple(prep.mean), tuple(prep.std)
+    else:  # measured on the training split
+        mean, std = imagefolder.dataset_stats(train, size, mode)
     if limit is not None:
         train, val = train[:limit], val[:limit]
     datasets = [
         imagefolder.ImageFileDataset(
-            samples, classes, size, mode, ImageTransform(mean, std, augment=aug, flip=flip, pad=pad)
-        )
+            samples,
+            classes,
+            size,
+            mode,
+            ImageTransform(mean, std, augment=aug, flip=flip, pad=pad),
+            prep.interpolation,
+            prep.crop_pct,
+        )  # fmt: skip
         for samples, aug in ((train, augment), (val, False))
     ]
     info = DataInfo(

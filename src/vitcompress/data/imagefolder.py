@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vitcompress.data.transforms import center_crop, check_interpolation, scaled_size
 from vitcompress.errors import VitcompressError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -143,22 +144,35 @@ def scan(
     return classes, _interleave(per_class), val
 
 
-def load_image(path: Path, size: int, mode: str = "RGB") -> Tensor:
-    """uint8 (C, size, size) from an image file; C is 3 for mode "RGB", 1 for "L"."""
+RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def load_image(
+    path: Path, size: int, mode: str = "RGB", interpolation: str = "bilinear", crop_pct: float = 1.0
+) -> Tensor:
+    """uint8 (C, size, size) from an image file; C is 3 for mode "RGB", 1 for "L". The image
+    is resized to a square of ``floor(size / crop_pct)`` and its centre ``size`` kept."""
+    check_interpolation(interpolation)
+    outer = scaled_size(size, crop_pct)
     try:
         with Image.open(path) as im:
-            im.draft(mode, (size, size))  # JPEG: decode at a smaller scale when much larger
+            im.draft(mode, (outer, outer))  # JPEG: decode at a smaller scale when much larger
             im = ImageOps.exif_transpose(im)
             if im.mode in ("P", "PA") or (im.mode == "LA" and mode == "RGB"):
                 im = im.convert("RGBA")  # palette transparency goes to alpha, dropped next
             im = im.convert(mode)
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            if im.size != (outer, outer):
+                im = im.resize((outer, outer), RESAMPLING[interpolation])
             arr = np.array(im, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise VitcompressError(f"cannot read image {path}: {e}") from None
     x = torch.from_numpy(arr)
-    return x[None] if x.dim() == 2 else x.permute(2, 0, 1).contiguous()  # (C, S, S)
+    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1).contiguous()  # (C, S, S)
+    return center_crop(x, size).contiguous() if outer != size else x
 
 
 def image_stats(
@@ -201,12 +215,16 @@ class ImageFileDataset(Dataset):
         img_size: int,
         mode: str,
         transform: Callable[[Tensor], Tensor],
+        interpolation: str = "bilinear",
+        crop_pct: float = 1.0,
     ) -> None:
         self.samples = list(samples)
         self.classes = list(classes)
         self.img_size = img_size
         self.mode = mode
         self.transform = transform
+        self.interpolation = interpolation
+        self.crop_pct = crop_pct
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
 
     def __len__(self) -> int:
@@ -214,4 +232,5 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, label = self.samples[i]
-        return self.transform(load_image(path, self.img_size, self.mode)), label
+        x = load_image(path, self.img_size, self.mode, self.interpolation, self.crop_pct)
+        return self.transform(x), label

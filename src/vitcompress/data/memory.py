@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from vitcompress.data.transforms import ImageTransform, resize, to_channels
+from vitcompress.data.transforms import ImageTransform, resize_crop, to_channels
 
 EAGER_BYTES = 1 << 30  # largest split resized at load time
 _CHUNK = 4096  # images per chunk in whole-split conversions (bounds the float temporaries)
@@ -74,19 +74,25 @@ def build(
     flip: bool,
     pad: int | None = None,
     limit: int | None,
+    interpolation: str = "bilinear",
+    crop_pct: float = 1.0,
+    fixed_stats: bool = False,
 ) -> tuple[TensorImageDataset, TensorImageDataset, tuple[float, ...], tuple[float, ...]]:
     """Train and test datasets from uint8 (N, C, H, W) images and labels; returns the stats used.
 
     ``mean``/``std`` describe the stored channels; they are repeated for gray shown as RGB and
     recomputed from the whole training split for RGB shown as gray (luminance std is not a
-    function of the per-channel ones).
+    function of the per-channel ones), unless ``fixed_stats`` (a model's own normalisation,
+    given for the output channels). Images are resized as ``interpolation`` and ``crop_pct``
+    say (:func:`~vitcompress.data.transforms.resize_crop`).
     """
     (xtr, ytr), (xte, yte) = train, test
     stored = xtr.shape[1]
     if stored == 3 and channels == 1:
         xtr, xte = (_map_chunks(x, lambda b: to_channels(b, 1)) for x in (xtr, xte))
-        mean, std = uint8_stats(xtr)
-    elif stored == 1 and channels == 3:
+        if not fixed_stats:
+            mean, std = uint8_stats(xtr)
+    elif stored == 1 and channels == 3 and not fixed_stats:
         mean, std = tuple(mean) * 3, tuple(std) * 3
     if limit is not None:
         xtr, ytr, xte, yte = xtr[:limit], ytr[:limit], xte[:limit], yte[:limit]
@@ -94,11 +100,12 @@ def build(
     datasets = []
     for x, y, aug in ((xtr, ytr, augment), (xte, yte, False)):
         lazy = None
-        if tuple(x.shape[-2:]) != (img_size, img_size):
+        if tuple(x.shape[-2:]) != (img_size, img_size) or crop_pct != 1.0:
             if len(x) * x.shape[1] * img_size * img_size <= EAGER_BYTES:
-                x = _map_chunks(x, lambda b: resize(b, img_size))
+                x = _map_chunks(x, lambda b: resize_crop(b, img_size, interpolation, crop_pct))
             else:
                 lazy = img_size
-        t = ImageTransform(mean, std, augment=aug, flip=flip, size=lazy, pad=pad)
+        t = ImageTransform(mean, std, augment=aug, flip=flip, size=lazy, pad=pad,
+                           interpolation=interpolation, crop_pct=crop_pct)  # fmt: skip
         datasets.append(TensorImageDataset(x.contiguous(), y, classes, t))
     return datasets[0], datasets[1], tuple(map(float, mean)), tuple(map(float, std))

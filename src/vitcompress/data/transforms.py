@@ -45,17 +45,54 @@ def to_channels(x: Tensor, channels: int) -> Tensor:
     raise VitcompressError(f"cannot convert images with {c} channels to {channels}; use 1 or 3")
 
 
-def resize(x: Tensor, size: int) -> Tensor:
-    """(C, H, W) or (N, C, H, W) -> size x size, bilinear with antialias; uint8 stays uint8."""
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def check_interpolation(mode: str) -> None:
+    if mode not in INTERPOLATIONS:
+        raise VitcompressError(
+            f"interpolation {mode!r} is not supported; use one of {', '.join(INTERPOLATIONS)}"
+        )
+
+
+def resize(x: Tensor, size: int, mode: str = "bilinear") -> Tensor:
+    """(C, H, W) or (N, C, H, W) -> size x size (``mode``: bilinear or bicubic with antialias,
+    or nearest); uint8 stays uint8."""
     if tuple(x.shape[-2:]) == (size, size):
         return x
+    check_interpolation(mode)
     y = x.float() if x.dim() == 4 else x.float()[None]  # (N, C, H, W)
-    y = F.interpolate(y, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if mode == "nearest":
+        y = F.interpolate(y, size=(size, size), mode="nearest")
+    else:
+        y = F.interpolate(y, size=(size, size), mode=mode, antialias=True, align_corners=False)
     if x.dim() == 3:
         y = y[0]
     if x.dtype == torch.uint8:
         y = y.round_().clamp_(0, 255).to(torch.uint8)
     return y
+
+
+def center_crop(x: Tensor, size: int) -> Tensor:
+    """The central ``size`` x ``size`` window of (..., H, W) images (H, W >= size)."""
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def resize_crop(x: Tensor, size: int, mode: str = "bilinear", crop_pct: float = 1.0) -> Tensor:
+    """Resize to ``floor(size / crop_pct)`` then keep the central ``size`` square: the eval
+    transform of timm and Hugging Face (``crop_pct`` 1.0: a plain resize)."""
+    outer = scaled_size(size, crop_pct)
+    y = resize(x, outer, mode)
+    return y if outer == size else center_crop(y, size)
+
+
+def scaled_size(size: int, crop_pct: float) -> int:
+    """The side images are resized to before a centre crop to ``size`` (timm's rule)."""
+    if not 0 < crop_pct <= 1:
+        raise VitcompressError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    return max(size, int(size / crop_pct))
 
 
 def crop_shift(x: Tensor, dy: int, dx: int) -> Tensor:
@@ -94,6 +131,7 @@ class ImageTransform:
         flip: allow the horizontal flip when augmenting.
         size: resize every sample to this side here (used when a resize of the whole dataset at
             load time would not fit in memory); ``None`` keeps the size it comes with.
+        interpolation, crop_pct: how that resize is done (:func:`resize_crop`).
     """
 
     def __init__(
@@ -105,6 +143,8 @@ class ImageTransform:
         pad: int | None = None,
         flip: bool = True,
         size: int | None = None,
+        interpolation: str = "bilinear",
+        crop_pct: float = 1.0,
     ) -> None:
         if len(mean) != len(std) or len(mean) not in (1, 3):
             raise VitcompressError(f"mean {mean} and std {std} must both have 1 or 3 values")
@@ -117,6 +157,9 @@ class ImageTransform:
         self.pad = pad
         self.flip = flip
         self.size = size
+        check_interpolation(interpolation)
+        self.interpolation = interpolation
+        self.crop_pct = crop_pct
         # (x / 255 - mean) / std == x * scale + bias, one fused op per sample
         s = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         self._scale = 1.0 / (255.0 * s)
@@ -124,7 +167,7 @@ class ImageTransform:
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.size is not None:
-            x = resize(x, self.size)
+            x = resize_crop(x, self.size, self.interpolation, self.crop_pct)
         if x.shape[-3] == 3 and self.channels == 1:
             x = to_channels(x, 1)
         if self.augment:
