@@ -157,6 +157,44 @@ def test_grid_syntax_substitutes_values_labels_and_builtins():
     assert st.baselines[d.baseline].teacher == distill["teacher"].split(":")[1]
 
 
+# Recorded from the code before the studies/ split. A run id and a baseline hash are digests of
+# the resolved run, so a change here renames runs: every user's next sweep would rerun from scratch.
+PINNED = {
+    ("seed", None): {
+        "runs": ("vit-nano-dense-fp32-387900e2", "vit-nano-cubic96.875-int8-1f9c332b",
+                 "deit-nano-cubic50-int8-00ddf184", "deit-nano-dynamic-int8-fc0261a9"),
+        "baselines": ("5a7708d75249", "4859e0fc8ba1", "7df85f3f1f1c"),  # resnet, vit, deit
+    },
+    ("smoke", None): {
+        "runs": ("vit-nano-fp32-206cf730", "vit-nano-fp16-c761610d", "vit-nano-int8-bb4cbfda",
+                 "vit-nano-2of4-ft-int8-8e8790be", "vit-nano-cubic75-ft-f7d76f9d"),
+        "baselines": ("8a1d005a7aee",),
+    },
+    ("seed-full", "imagefolder:/tmp/x"): {
+        "runs": ("vit-tiny-dense-fp32-a8f33953", "vit-base-svd25-df71aecd",
+                 "deit-small-shrink-mlp50-heads25-int8-4299c3c8",
+                 "deit-base-dynamic-int8-07fa208e"),
+        "baselines": ("22d66533a512", "6027e5738e77", "66e011b69e32", "01dca992c4d9",
+                      "ff800ccfc5ec", "9eb713a6c1bc", "efffa066c782"),
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name,data", list(PINNED))
+def test_run_ids_and_baseline_hashes_are_pinned(name, data, tmp_path):
+    st = expand_study(name, data=data)
+    ids = st.run_ids()
+    for rid in PINNED[name, data]["runs"]:
+        assert rid in ids
+    assert tuple(st.baselines) == PINNED[name, data]["baselines"]  # teachers first
+    for h, b in st.baselines.items():
+        assert b.directory(tmp_path) == tmp_path / "baselines" / h
+    deit = next((r for r in st.runs if r.id == "deit-nano-cubic50-int8-00ddf184"), None)
+    if deit is not None:  # a fine-tune distils from its teacher, named by the teacher's hash
+        distill = deit.recipe["steps"][1]["finetune"]["distill"]
+        assert distill == {"teacher": "@baseline:5a7708d75249", "kind": "hard"}
+
+
 @pytest.mark.parametrize(
     "text,match",
     [
