@@ -1,4 +1,4 @@
-"""Studies: grid expansion, the SQLite store, resume, failures, concurrency, Ray."""
+"""Studies: grid expansion, resume, failures, concurrency, Ray."""
 
 import json
 import os
@@ -14,15 +14,8 @@ import pytest
 import yaml
 
 from vitcompress.errors import VitcompressError
-from vitcompress.sweep import (
-    DB_NAME,
-    expand_study,
-    load_study,
-    read_results,
-    run_sweep,
-    size_band,
-    upsert,
-)
+from vitcompress.studies.store import DB_NAME, read_results
+from vitcompress.sweep import expand_study, load_study, run_sweep
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -238,14 +231,6 @@ def test_study_not_found_names_builtins(tmp_path):
         load_study(tmp_path / "nope.yaml")
 
 
-def test_size_bands():
-    assert size_band(10_000) == "<64 KB"
-    assert size_band(100 * 1024) == "64-256 KB"
-    assert size_band(300 * 1024) == "256 KB-1 MB"
-    assert size_band(5 * 2**20) == "4-16 MB"
-    assert size_band(None) is None
-
-
 # --- running ---------------------------------------------------------------------------------
 
 
@@ -361,17 +346,6 @@ def test_two_sweeps_write_one_database_at_once(tiny_out, tmp_path):
     assert not any(w in {r["worker"] for r in rows if r["study"] == "b"} for w in workers)
     local = {r["id"]: r["top1"] for r in read_results(tiny_out)}
     assert all(local[r["id"]] == r["top1"] for r in rows if r["study"] == "a")
-
-
-def test_upsert_is_one_row_per_id(tmp_path):
-    from vitcompress.sweep import connect
-
-    con = connect(tmp_path / DB_NAME)
-    upsert(con, {"id": "x", "status": "running", "config": {"a": 1}})
-    upsert(con, {"id": "x", "status": "ok", "top1": 0.5})
-    con.close()
-    (row,) = read_results(tmp_path)
-    assert row["status"] == "ok" and row["top1"] == 0.5 and row["config"] == {"a": 1}
 
 
 @pytest.mark.ray

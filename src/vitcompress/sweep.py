@@ -85,17 +85,24 @@ import time
 import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from vitcompress.config import load_yaml
 from vitcompress.errors import VitcompressError
+from vitcompress.studies.store import (
+    DB_NAME,
+    RESULT_FIELDS,
+    connect,
+    now,
+    select_rows,
+    size_band,
+    upsert,
+)
 from vitcompress.train import TrainConfig
 
 BUILTIN = ("smoke", "seed", "seed-full")
-DB_NAME = "results.sqlite"
 TOP_KEYS = (
     "name", "description", "data", "limit", "seed", "device", "speed", "resources", "teachers",
     "models", "recipes",
@@ -111,51 +118,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {k: getattr(TrainConfig(), k) for k in TRAIN_KE
 MODEL_KEYS = ("preset", "run", "teacher", "distill", "limit", *TRAIN_DEFAULTS)
 BUILTIN_VARS = ("distill", "teacher", "model")
 TEACHER_MARK = "@baseline:"  # a teacher reference inside a recipe, resolved to a path at run time
-
-# Result fields of a run (DESIGN.md), in the order the table shows them.
-RESULT_FIELDS = (
-    "top1", "top5", "loss", "params_total", "params_nonzero", "bytes_stored", "bytes_fp32",
-    "latency_ms_b1", "latency_ms_b1_p90", "throughput_b32", "runtime", "format", "activations",
-    "sparsity", "sparsity_target", "pattern", "rank_ratio", "recipe_hash", "seed", "wall_s",
-)  # fmt: skip
-ROW_FIELDS = (
-    "id", "study", "model", "family", "size", "preset", "data", "recipe", "status", "error",
-    "started_at", "ended_at", "worker", "cpu_s", "size_band", "base_top1", "base_params",
-    *RESULT_FIELDS, "config", "metrics", "traceback",
-)  # fmt: skip
-_TEXT = {
-    "id", "study", "model", "family", "size", "preset", "data", "recipe", "status", "error",
-    "started_at", "ended_at", "worker", "size_band", "runtime", "format", "activations", "pattern",
-    "recipe_hash", "config", "metrics", "traceback",
-}  # fmt: skip
-_INT = {"params_total", "params_nonzero", "bytes_stored", "bytes_fp32", "seed", "base_params"}
-
-# Size bands by bytes as stored: factors of 4 from 64 KiB, so nano/micro models spread over a few.
-BAND_EDGES = (64, 256, 1024, 4096, 16384, 65536, 262144)  # KiB
-
-
-def size_band(nbytes: int | float | None) -> str | None:
-    """The size band of a model stored in ``nbytes`` bytes: ``"<64 KB"``, ``"64-256 KB"``, ..."""
-    if nbytes is None:
-        return None
-    kib = nbytes / 1024
-    if kib < BAND_EDGES[0]:
-        return f"<{BAND_EDGES[0]} KB"
-    for lo, hi in itertools.pairwise(BAND_EDGES):
-        if kib < hi:
-            if hi < 1024:
-                return f"{lo}-{hi} KB"
-            if lo < 1024:
-                return f"{lo} KB-{hi // 1024} MB"
-            return f"{lo // 1024}-{hi // 1024} MB"
-    return f">={BAND_EDGES[-1] // 1024} MB"
-
-
-def band_order(band: str | None) -> int:
-    """Sort key of a size band (smallest first)."""
-    labels = [size_band(0)] + [size_band(e * 1024) for e in BAND_EDGES]
-    return labels.index(band) if band in labels else len(labels)
-
 
 # --------------------------------------------------------------------------------------------
 # Study files
@@ -619,94 +581,6 @@ def expand_study(study: str | Path | dict, data: str | None = None) -> Study:
 
 
 # --------------------------------------------------------------------------------------------
-# The results store
-# --------------------------------------------------------------------------------------------
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _col_type(name: str) -> str:
-    return "TEXT" if name in _TEXT else "INTEGER" if name in _INT else "REAL"
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    """A connection to a results file (created if missing): WAL, long busy timeout."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(str(path), timeout=120, isolation_level=None)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA busy_timeout=120000")
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=FULL")
-    cols = ", ".join(
-        f"{c} {_col_type(c)}" + (" PRIMARY KEY" if c == "id" else "") for c in ROW_FIELDS
-    )
-    con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
-    have = {r["name"] for r in con.execute("PRAGMA table_info(runs)")}
-    for c in ROW_FIELDS:
-        if c not in have:  # a results file from an older version
-            with contextlib.suppress(sqlite3.OperationalError):  # a concurrent sweep added it
-                con.execute(f"ALTER TABLE runs ADD COLUMN {c} {_col_type(c)}")
-    return con
-
-
-def upsert(con: sqlite3.Connection, row: dict) -> None:
-    """Insert or update one row (by id) in one committed transaction."""
-    row = {k: v for k, v in row.items() if k in ROW_FIELDS}
-    cols = list(row)
-    sets = ", ".join(f"{c}=excluded.{c}" for c in cols if c != "id")
-    sql = (
-        f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
-        f"ON CONFLICT(id) DO UPDATE SET {sets}"
-    )
-    vals = [json.dumps(v, default=str) if isinstance(v, (dict, list)) else v for v in row.values()]
-    con.execute(sql, vals)
-
-
-def read_results(path: Path, study: str | None = None) -> list[dict]:
-    """All rows of a results file (or of one study in it), as dicts; JSON columns decoded."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / DB_NAME
-    if not path.is_file():
-        raise VitcompressError(f"no results file at {path}")
-    con = connect(path)
-    try:
-        q = "SELECT * FROM runs" + (" WHERE study = ?" if study else "") + " ORDER BY rowid"
-        rows = [dict(r) for r in con.execute(q, (study,) if study else ())]
-    finally:
-        con.close()
-    for r in rows:
-        for k in ("config", "metrics"):
-            if isinstance(r.get(k), str):
-                with contextlib.suppress(json.JSONDecodeError):
-                    r[k] = json.loads(r[k])
-    return rows
-
-
-def _select(con: sqlite3.Connection, ids: list[str], cols: str = "*") -> dict[str, dict]:
-    """Rows by id for these ids (JSON columns decoded)."""
-    out: dict[str, dict] = {}
-    for i in range(0, len(ids), 500):
-        chunk = ids[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        for r in con.execute(f"SELECT {cols} FROM runs WHERE id IN ({marks})", chunk):
-            r = dict(r)
-            for k in ("config", "metrics"):
-                if isinstance(r.get(k), str):
-                    with contextlib.suppress(json.JSONDecodeError):
-                        r[k] = json.loads(r[k])
-            out[r["id"]] = r
-    return out
-
-
-def _rows_by_id(con: sqlite3.Connection, ids: list[str]) -> dict[str, dict]:
-    return _select(con, ids, "id, status, started_at, worker")
-
-
-# --------------------------------------------------------------------------------------------
 # Work: train a baseline, compress a run (executed in this process, a pool worker or a Ray task)
 # --------------------------------------------------------------------------------------------
 
@@ -781,7 +655,7 @@ def execute(task: dict) -> dict:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(task.get("threads") or threads)))
-    started = _now()
+    started = now()
     t0, c0 = time.perf_counter(), time.process_time()
     result: dict = {"key": task["key"], "started_at": started, "worker": _worker_name()}
     log = Path(task["log"])
@@ -799,7 +673,7 @@ def execute(task: dict) -> dict:
                 print(traceback.format_exc())
     finally:
         torch.set_num_threads(threads)
-    result["ended_at"] = _now()
+    result["ended_at"] = now()
     result["seconds"] = time.perf_counter() - t0
     result["cpu_s"] = time.process_time() - c0
     return result
@@ -898,9 +772,8 @@ class _Pool:
 
 
 def _died(task: dict, why: str) -> dict:
-    now = _now()
     return {"key": task["key"], "status": "failed", "error": why, "started_at": None,
-            "ended_at": now, "worker": None}  # fmt: skip
+            "ended_at": now(), "worker": None}  # fmt: skip
 
 
 class _Ray:
@@ -1003,9 +876,9 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     con = connect(out / DB_NAME)
     me = _worker_name()
-    t_start = _now()
+    t_start = now()
     try:
-        existing = _rows_by_id(con, st.run_ids())
+        existing = _status_rows(con, st.run_ids())
         done_states = ("ok",) if retry_failed else ("ok", "failed")
         pending = [r for r in st.runs if existing.get(r.id, {}).get("status") not in done_states]
         skipped = len(st.runs) - len(pending)
@@ -1023,7 +896,7 @@ def run_sweep(
             def submit_next() -> bool:
                 while todo:
                     r = todo.pop(0)
-                    row = _rows_by_id(con, [r.id]).get(r.id, {})
+                    row = _status_rows(con, [r.id]).get(r.id, {})
                     if row.get("status") in done_states or (
                         row.get("status") == "running"
                         and (row.get("started_at") or "") > t_start
@@ -1034,14 +907,14 @@ def run_sweep(
                         continue
                     meta = _meta_row(r, st, out, base_metrics)
                     if r.baseline in base_errors:
-                        now = _now()
-                        upsert(con, {**meta, "status": "failed", "started_at": now,
-                                     "ended_at": now, "worker": me,
+                        t = now()
+                        upsert(con, {**meta, "status": "failed", "started_at": t,
+                                     "ended_at": t, "worker": me,
                                      "error": f"baseline: {base_errors[r.baseline]}"})  # fmt: skip
                         counts["failed"] += 1
                         bar.update(1)
                         continue
-                    upsert(con, {**meta, "status": "running", "started_at": _now(),
+                    upsert(con, {**meta, "status": "running", "started_at": now(),
                                  "ended_at": None, "error": None, "traceback": None,
                                  "worker": me})  # fmt: skip
                     ex.submit(_run_task(r, st, out))
@@ -1071,6 +944,11 @@ def run_sweep(
         con.close()
     _print_summary(st, rows, out, skipped, counts)
     return rows
+
+
+def _status_rows(con: sqlite3.Connection, ids: list[str]) -> dict[str, dict]:
+    """What the runner decides on: status, start and worker of the rows of these ids."""
+    return select_rows(con, ids, "id, status, started_at, worker")
 
 
 def _check_data_paths(st: Study) -> None:
@@ -1222,7 +1100,8 @@ def _result_row(r: RunSpec, st: Study, out: Path, base_metrics: dict, res: dict)
 
 
 def _study_rows(con: sqlite3.Connection, st: Study) -> list[dict]:
-    rows = _select(con, st.run_ids())
+    """The study's rows in its run order (runs never started have none)."""
+    rows = select_rows(con, st.run_ids())
     return [rows[i] for i in st.run_ids() if i in rows]
 
 
