@@ -1,4 +1,4 @@
-"""Studies: grid expansion, resume, failures, concurrency, Ray."""
+"""Running a study: resume, failures, concurrency, Ray."""
 
 import json
 import os
@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from vitcompress.errors import VitcompressError
+from vitcompress.studies import expand_study
 from vitcompress.studies.store import DB_NAME, read_results
-from vitcompress.sweep import expand_study, load_study, run_sweep
+from vitcompress.sweep import run_sweep
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -90,145 +91,6 @@ def tiny_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
     run_sweep(TINY, out, threads=1, progress=False)
     return out
-
-
-# --- grid expansion --------------------------------------------------------------------------
-
-
-def test_builtin_studies_expand_with_stable_ids(tmp_path):
-    seed = expand_study("seed")
-    again = expand_study("seed")
-    assert len(seed.runs) == 46  # 38 of the two studies, 8 structured-pruning runs
-    assert seed.run_ids() == again.run_ids()
-    assert len(set(seed.run_ids())) == len(seed.run_ids())
-    assert {r.model for r in seed.runs} == {"vit-nano", "deit-nano"}
-    assert len(seed.baselines) == 3  # the teacher, ViT, DeiT
-    smoke = expand_study("smoke")
-    assert 3 <= len(smoke.runs) <= 8
-    full = expand_study("seed-full", data="imagefolder:/data/RESISC45")
-    assert {r.size for r in full.runs} == {"tiny", "small", "base"}
-    assert all(r.data == "imagefolder:/data/RESISC45" for r in full.runs)
-    # (test_kill_9_mid_sweep_then_resume checks that another process gives the same ids)
-    moved = expand_study("seed", data="fashion-mnist:/elsewhere")
-    assert not set(moved.run_ids()) & set(seed.run_ids())
-
-
-def test_grid_syntax_substitutes_values_labels_and_builtins():
-    doc = {
-        "name": "g",
-        "teachers": {"cnn": {"preset": "resnet-micro", "epochs": 1}},
-        "models": {
-            "v": {"preset": "vit-nano", "epochs": 1},
-            "d": {"preset": "deit-nano", "epochs": 1, "teacher": "cnn", "distill": "soft"},
-        },
-        "recipes": [
-            {
-                "name": "s$sp-${q}",
-                "grid": {"sp": [0.5, 0.75], "q": {"none": None, "i8": {"weights": "int8"}}},
-                "steps": [
-                    {"prune": {"sparsity": "$sp", "schedule": "cubic"}},
-                    {"finetune": {"max_steps": 3, "distill": "$distill"}},
-                    {"quantize": "$q"},
-                ],
-            },
-            {"name": "svd", "models": ["v"], "steps": [{"lowrank": {"rank_ratio": 0.5}}]},
-        ],
-    }
-    st = expand_study(doc)
-    names = [(r.model, r.recipe_name) for r in st.runs]
-    assert names == [
-        ("v", "s0.5-none"), ("v", "s0.5-i8"), ("v", "s0.75-none"), ("v", "s0.75-i8"), ("v", "svd"),
-        ("d", "s0.5-none"), ("d", "s0.5-i8"), ("d", "s0.75-none"), ("d", "s0.75-i8"),
-    ]  # fmt: skip
-    v, d = st.runs[1], st.runs[6]
-    assert v.recipe["steps"][0] == {"prune": {"sparsity": 0.5, "schedule": "cubic"}}
-    assert v.recipe["steps"][1]["finetune"]["distill"] is None  # no teacher: no distillation
-    assert v.recipe["steps"][2] == {"quantize": {"weights": "int8"}}
-    assert len(st.runs[0].recipe["steps"]) == 2  # the null quantize step is left out
-    distill = d.recipe["steps"][1]["finetune"]["distill"]
-    assert distill["kind"] == "soft" and distill["teacher"].startswith("@baseline:")
-    assert st.baselines[d.baseline].teacher == distill["teacher"].split(":")[1]
-
-
-# Recorded from the code before the studies/ split. A run id and a baseline hash are digests of
-# the resolved run, so a change here renames runs: every user's next sweep would rerun from scratch.
-PINNED = {
-    ("seed", None): {
-        "runs": ("vit-nano-dense-fp32-387900e2", "vit-nano-cubic96.875-int8-1f9c332b",
-                 "deit-nano-cubic50-int8-00ddf184", "deit-nano-dynamic-int8-fc0261a9"),
-        "baselines": ("5a7708d75249", "4859e0fc8ba1", "7df85f3f1f1c"),  # resnet, vit, deit
-    },
-    ("smoke", None): {
-        "runs": ("vit-nano-fp32-206cf730", "vit-nano-fp16-c761610d", "vit-nano-int8-bb4cbfda",
-                 "vit-nano-2of4-ft-int8-8e8790be", "vit-nano-cubic75-ft-f7d76f9d"),
-        "baselines": ("8a1d005a7aee",),
-    },
-    ("seed-full", "imagefolder:/tmp/x"): {
-        "runs": ("vit-tiny-dense-fp32-a8f33953", "vit-base-svd25-df71aecd",
-                 "deit-small-shrink-mlp50-heads25-int8-4299c3c8",
-                 "deit-base-dynamic-int8-07fa208e"),
-        "baselines": ("22d66533a512", "6027e5738e77", "66e011b69e32", "01dca992c4d9",
-                      "ff800ccfc5ec", "9eb713a6c1bc", "efffa066c782"),
-    },
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("name,data", list(PINNED))
-def test_run_ids_and_baseline_hashes_are_pinned(name, data, tmp_path):
-    st = expand_study(name, data=data)
-    ids = st.run_ids()
-    for rid in PINNED[name, data]["runs"]:
-        assert rid in ids
-    assert tuple(st.baselines) == PINNED[name, data]["baselines"]  # teachers first
-    for h, b in st.baselines.items():
-        assert b.directory(tmp_path) == tmp_path / "baselines" / h
-    deit = next((r for r in st.runs if r.id == "deit-nano-cubic50-int8-00ddf184"), None)
-    if deit is not None:  # a fine-tune distils from its teacher, named by the teacher's hash
-        distill = deit.recipe["steps"][1]["finetune"]["distill"]
-        assert distill == {"teacher": "@baseline:5a7708d75249", "kind": "hard"}
-
-
-@pytest.mark.parametrize(
-    "text,match",
-    [
-        ("models: {v: {preset: vit-nano}}\nrecipes: []\nsteps: 1\n", r"unknown key 'steps'"),
-        ("models: {v: {preset: vit-nano, epoch: 2}}\nrecipes: [{name: a, steps: "
-         "[quantize: {}]}]\n", r"models\.v: unknown key 'epoch'"),
-        ("models: {v: {preset: vit-giant}}\nrecipes: [{name: a, steps: [quantize: {}]}]\n",
-         r"unknown preset 'vit-giant'"),
-        ("models: {v: {preset: vit-nano}}\nrecipes: [{name: a, stesp: []}]\n",
-         r"recipe 'a': unknown key 'stesp'"),
-        ("models: {v: {preset: vit-nano}}\nrecipes: [{name: a, steps: [prune: {sparsity: $s}]}]\n",
-         r"\$s is not an axis"),
-        ("models: {v: {preset: vit-nano}}\nrecipes: [{name: a$s, grid: {s: [1, 2], t: [3]}, "
-         "steps: [prune: {sparsity: $s}]}]\n", r"grid axis 't' is used nowhere"),
-        ("models: {v: {preset: vit-nano}}\nrecipes: [{name: a, steps: [prune: {sparsty: 0.5}]}]\n",
-         r"recipe 'a': step 1 \(prune\): unknown key 'sparsty'"),
-        ("models: {v: {preset: vit-nano}}\nrecipes: [{name: a, steps: [prune: {sparsity: 1.5}]}]\n",
-         r"recipe 'a'.*sparsity"),
-        ("models: {v: {preset: vit-nano, teacher: nobody}}\nrecipes: [{name: a, steps: "
-         "[quantize: {}]}]\n", r"teacher 'nobody' is neither"),
-        ("models: [vit-nano]\nrecipes: [{name: a, steps: [quantize: {}]}]\n",
-         r"'models' must be a non-empty mapping"),
-        ("models: {v: {preset: vit-nano}}\nrecipes: [{name: a, steps: [quantize: {}]}, "
-         "{name: a, steps: [quantize: {}]}]\n", r"comes out twice"),
-        ("models: {v: {preset: vit-nano}\nrecipes: [\n", r"not valid YAML"),
-        ("models: {v: {preset: vit-nano, amp: fp8}}\nrecipes: [{name: a, steps: "
-         "[quantize: {}]}]\n", r"models\.v: amp must be one of null, bf16, fp16"),
-    ],
-)  # fmt: skip
-def test_malformed_study_is_one_line_error_naming_file_and_key(tmp_path, text, match):
-    p = tmp_path / "bad.yaml"
-    p.write_text(text)
-    with pytest.raises(VitcompressError, match=match) as e:
-        expand_study(p)
-    assert "\n" not in str(e.value)
-    assert str(p) in str(e.value)
-
-
-def test_study_not_found_names_builtins(tmp_path):
-    with pytest.raises(VitcompressError, match="built-in: smoke, seed, seed-full"):
-        load_study(tmp_path / "nope.yaml")
 
 
 # --- running ---------------------------------------------------------------------------------
