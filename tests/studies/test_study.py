@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import vitcompress.studies
 from vitcompress.errors import VitcompressError
 from vitcompress.studies import BUILTIN, expand_study, load_study
 
@@ -70,3 +71,11 @@ def test_an_expanded_study_is_read_only():
     with pytest.raises(TypeError):
         st.resources["cpus"] = 4
     assert isinstance(st.runs, tuple)
+
+
+def test_every_public_name_resolves():
+    assert sorted(vitcompress.studies.__all__) == sorted(vitcompress.studies._EXPORTS)
+    for name in vitcompress.studies.__all__:
+        assert getattr(vitcompress.studies, name) is not None
+    with pytest.raises(AttributeError):
+        vitcompress.studies.no_such_name  # noqa: B018

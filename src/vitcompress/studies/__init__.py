@@ -4,10 +4,11 @@
   name from ``builtin/``), its settings, models and teachers;
 - :mod:`~vitcompress.studies.grid`: recipe templates expanded into runs with stable ids;
 - :mod:`~vitcompress.studies.store`: the results file, one row per run;
-- :mod:`vitcompress.sweep` (for now): the executors and the runner.
+- :mod:`~vitcompress.studies.executors`: where tasks run (this process, processes, Ray);
+- :mod:`~vitcompress.studies.runner`: :func:`run_sweep`, resumable.
 
 The names below are imported on first use, so that reading results (``store``) never imports
-torch or the grid.
+torch, the runner or the executors.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vitcompress.studies.grid import expand_study
+    from vitcompress.studies.runner import run_sweep, summary_table
     from vitcompress.studies.store import (
         DB_NAME,
         band_order,
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from vitcompress.studies.study import BUILTIN, Baseline, RunSpec, Study, load_study
 
 _EXPORTS = {
+    "run_sweep": "runner",
+    "summary_table": "runner",
     "expand_study": "grid",
     "load_study": "study",
     "BUILTIN": "study",
@@ -42,6 +46,8 @@ _EXPORTS = {
     "band_order": "store",
 }
 __all__ = [
+    "run_sweep",
+    "summary_table",
     "expand_study",
     "load_study",
     "BUILTIN",

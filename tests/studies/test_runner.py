@@ -1,6 +1,5 @@
-"""Running a study: resume, failures, concurrency, Ray."""
+"""Running a study: end to end into SQLite, resume (kill -9 included), failures, concurrency."""
 
-import json
 import os
 import shutil
 import signal
@@ -14,39 +13,9 @@ import pytest
 import yaml
 
 from vitcompress.errors import VitcompressError
-from vitcompress.studies import expand_study
-from vitcompress.studies.store import DB_NAME, read_results
-from vitcompress.sweep import run_sweep
+from vitcompress.studies import DB_NAME, expand_study, read_results, run_sweep
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-# Tiny: one baseline (shared by every test below through its content hash), few runs.
-TINY = {
-    "name": "tiny",
-    "data": "fashion-mnist",
-    "limit": 128,
-    "models": {"vit-nano": {"preset": "vit-nano", "epochs": 1, "batch_size": 64}},
-    "recipes": [
-        {
-            "name": "$fmt",
-            "grid": {
-                "fmt": {
-                    "fp32": {"weights": "fp32", "activations": None},
-                    "int8": {"weights": "int8", "activations": "int8",
-                             "calibration": {"batches": 1}},
-                }
-            },
-            "steps": [{"quantize": "$fmt"}],
-        },
-        {
-            "name": "prune50",
-            "steps": [
-                {"prune": {"sparsity": 0.5}},
-                {"finetune": {"max_steps": 2, "batch_size": 32}},
-            ],
-        },
-    ],
-}  # fmt: skip
 
 
 def _study(tmp_path: Path, doc: dict, name: str = "study.yaml") -> Path:
@@ -63,19 +32,9 @@ def _db_rows(out: Path) -> list[tuple]:
         con.close()
 
 
-def _copy_baselines(src: Path, dst: Path) -> None:
-    shutil.copytree(src / "baselines", dst / "baselines", dirs_exist_ok=True)
-
-
-def _quick(doc: dict, name: str, recipes: slice = slice(None)) -> dict:
-    """A copy of ``doc`` under another name, some of its recipes, no speed measurement."""
-    doc = json.loads(json.dumps(doc))
-    return {**doc, "name": name, "speed": False, "recipes": doc["recipes"][recipes]}
-
-
 def _sweep_subprocess(study: Path, out: Path, jobs: int = 1) -> subprocess.Popen:
     code = (
-        "import sys; from vitcompress.sweep import run_sweep; "
+        "import sys; from vitcompress.studies import run_sweep; "
         "run_sweep(sys.argv[1], sys.argv[2], jobs=int(sys.argv[3]), threads=1, progress=False)"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -83,17 +42,6 @@ def _sweep_subprocess(study: Path, out: Path, jobs: int = 1) -> subprocess.Popen
         [sys.executable, "-c", code, str(study), str(out), str(jobs)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
     )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_out(tmp_path_factory) -> Path:
-    """The tiny study swept once, in this process (real training and compress_run)."""
-    out = tmp_path_factory.mktemp("tiny")
-    run_sweep(TINY, out, threads=1, progress=False)
-    return out
-
-
-# --- running ---------------------------------------------------------------------------------
 
 
 def test_tiny_study_end_to_end_into_sqlite(tiny_out):
@@ -116,16 +64,16 @@ def test_tiny_study_end_to_end_into_sqlite(tiny_out):
     con.close()
 
 
-def test_rerun_skips_finished_runs(tiny_out, tmp_path):
+def test_rerun_skips_finished_runs(tiny_out, tiny, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(tiny_out, out)
     before = _db_rows(out)
-    rows = run_sweep(TINY, out, threads=1, progress=False)
+    rows = run_sweep(tiny, out, threads=1, progress=False)
     assert _db_rows(out) == before  # nothing reran: same start times
     assert [r["status"] for r in rows] == ["ok"] * 3
 
 
-def test_resume_reruns_unfinished_and_missing_rows(tiny_out, tmp_path):
+def test_resume_reruns_unfinished_and_missing_rows(tiny_out, tiny, tmp_path):
     out = tmp_path / "resume"
     shutil.copytree(tiny_out, out)
     before = {i: (s, t) for i, s, t in _db_rows(out)}
@@ -137,7 +85,7 @@ def test_resume_reruns_unfinished_and_missing_rows(tiny_out, tmp_path):
     con.execute("DELETE FROM runs WHERE id=?", (ids[1],))  # killed before its row was written
     con.commit()
     con.close()
-    rows = run_sweep(TINY, out, threads=1, progress=False)
+    rows = run_sweep(tiny, out, threads=1, progress=False)
     after = {i: (s, t) for i, s, t in _db_rows(out)}
     assert sorted(after) == ids  # nothing lost, nothing duplicated
     assert all(s == "ok" for s, _ in after.values())
@@ -146,10 +94,9 @@ def test_resume_reruns_unfinished_and_missing_rows(tiny_out, tmp_path):
     assert (out / "runs" / ids[0] / "metrics.json").is_file()
 
 
-def test_kill_9_mid_sweep_then_resume(tiny_out, tmp_path):
-    out = tmp_path / "killed"
-    _copy_baselines(tiny_out, out)
-    study = _study(tmp_path, _quick(TINY, "tiny"))
+def test_kill_9_mid_sweep_then_resume(quick, with_baselines, tmp_path):
+    out = with_baselines("killed")
+    study = _study(tmp_path, quick("tiny"))
     proc = _sweep_subprocess(study, out)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -171,10 +118,9 @@ def test_kill_9_mid_sweep_then_resume(tiny_out, tmp_path):
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
 
 
-def test_failed_run_is_recorded_and_the_sweep_goes_on(tiny_out, tmp_path):
-    out = tmp_path / "fail"
-    _copy_baselines(tiny_out, out)
-    doc = _quick(TINY, "tiny", slice(0, 1))
+def test_failed_run_is_recorded_and_the_sweep_goes_on(quick, with_baselines):
+    out = with_baselines("fail")
+    doc = quick("tiny", slice(0, 1))
     doc["recipes"].insert(0, {
         "name": "no-such-layer",  # vit-nano has 4 blocks: blocks.7 matches nothing at run time
         "steps": [{"prune": {"sparsity": 0.5, "layers": "blocks.7.*"}}],
@@ -189,10 +135,9 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tiny_out, tmp_path):
     assert {r["id"]: r["started_at"] for r in again} == {r["id"]: r["started_at"] for r in rows}
 
 
-def test_two_sweeps_write_one_database_at_once(tiny_out, tmp_path):
-    out = tmp_path / "shared"
-    _copy_baselines(tiny_out, out)
-    a, b = _quick(TINY, "a", slice(0, 1)), _quick(TINY, "b", slice(0, 1))
+def test_two_sweeps_write_one_database_at_once(tiny_out, quick, with_baselines, tmp_path):
+    out = with_baselines("shared")
+    a, b = quick("a", slice(0, 1)), quick("b", slice(0, 1))
     b["recipes"][0]["name"] = "b-$fmt"  # other runs than a's, the same baseline
     # sweep a runs its two runs in two worker processes (--jobs 2), b in its own process
     procs = [
@@ -210,36 +155,6 @@ def test_two_sweeps_write_one_database_at_once(tiny_out, tmp_path):
     assert all(local[r["id"]] == r["top1"] for r in rows if r["study"] == "a")
 
 
-@pytest.mark.ray
-def test_ray_executor_gives_the_same_rows_as_local(tiny_out, tmp_path):
-    ray = pytest.importorskip("ray")
-    out = tmp_path / "ray"
-    _copy_baselines(tiny_out, out)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        # one task at a time (2 CPUs each): a single Ray worker imports torch
-        doc = {**_quick(TINY, "tiny", slice(0, 1)), "resources": {"cpus": 2}}
-        rows = run_sweep(doc, out, executor="ray", threads=1, progress=False)
-    finally:
-        ray.shutdown()
-    assert len(rows) == 2
-    local = [r for r in read_results(tiny_out) if r["id"] in {r["id"] for r in rows}]
-    key = ("id", "status", "top1", "params_nonzero")
-    assert sorted(tuple(r[k] for k in key) for r in rows) == sorted(
-        tuple(r[k] for k in key) for r in local
-    )
-
-
-def test_ray_missing_is_a_one_line_error(tiny_out, tmp_path, monkeypatch):
-    out = tmp_path / "noray"
-    _copy_baselines(tiny_out, out)
-    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
-    with pytest.raises(VitcompressError, match=r"pip install 'vitcompress\[ray\]'"):
-        run_sweep(_quick(TINY, "tiny"), out, executor="ray", progress=False)
-    with pytest.raises(VitcompressError, match="unknown executor 'dask'"):
-        run_sweep(_quick(TINY, "tiny"), out, executor="dask", progress=False)
-
-
 def test_seed_full_without_its_data_says_to_pass_data(tmp_path):
     with pytest.raises(VitcompressError, match=r"does not exist; pass --data") as e:
         run_sweep("seed-full", tmp_path, data="imagefolder:/no/such/RESISC45", progress=False)
@@ -247,13 +162,13 @@ def test_seed_full_without_its_data_says_to_pass_data(tmp_path):
     assert not (tmp_path / DB_NAME).exists()  # checked before any work
 
 
-def test_demo_resumes_builds_the_report_and_prints_the_best(tiny_out, tmp_path, capsys):
+def test_demo_resumes_builds_the_report_and_prints_the_best(tiny_out, tiny, tmp_path, capsys):
     from vitcompress.demo import run_demo
 
     out = tmp_path / "demo"
     shutil.copytree(tiny_out, out)
     before = _db_rows(out)
-    run_demo(out, study=TINY)  # every run is finished: nothing reruns
+    run_demo(out, study=tiny)  # every run is finished: nothing reruns
     assert _db_rows(out) == before
     text = capsys.readouterr().out
     assert f"report: {(out / 'report.html').resolve()}" in text
