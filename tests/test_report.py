@@ -14,7 +14,7 @@ from vitcompress.report import (
     pareto_front,
     study_b_rows,
 )
-from vitcompress.sweep import DB_NAME, band_order, connect, size_band, upsert
+from vitcompress.studies.store import DB_NAME, band_order, connect, size_band, upsert
 
 SPARSITIES = (0.5, 0.75, 0.875, 0.9375, 0.96875)
 

@@ -176,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from vitcompress.sweep import run_sweep
+    from vitcompress.studies import run_sweep
 
     run_sweep(
         args.study,

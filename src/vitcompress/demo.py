@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from vitcompress.report import build_report, format_best
-from vitcompress.sweep import run_sweep
+from vitcompress.studies import run_sweep
 
 
 def run_demo(out: Path = Path("runs/demo"), study: str | dict = "seed", jobs: int = 1) -> None:

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from vitcompress.errors import VitcompressError
-from vitcompress.sweep import DB_NAME, band_order, read_results, size_band
+from vitcompress.studies.store import DB_NAME, band_order, read_results, size_band
 
 SIZE_ORDER = ("nano", "micro", "tiny", "small", "base", "large")
 FAMILY_ORDER = ("vit", "deit", "resnet")
