@@ -105,6 +105,25 @@ def _metrics_line(m: dict) -> str:
     )
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from vitcompress.workflows import import_run
+
+    sizes = {"num_heads": args.num_heads} if args.num_heads else {}
+    m = import_run(
+        args.source, Path(args.out), preset=args.model, data=args.data, limit=args.limit,
+        force=args.force, device=args.device, **sizes,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    line = f"imported {args.source}: {m['params_total']:,} parameters"
+    if "top1" in m:
+        line += f"; top-1 {m['top1'] * 100:.2f} % on {args.data} ({m['samples']:,} images)"
+    print(line)
+    print(f"run directory: {args.out}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vitcompress.workflows import evaluate_run
 
@@ -204,35 +223,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Help(argparse.HelpFormatter):
+    """--help with every option's default, where it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if d is None or d is False or d == [] or d == argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows every option's default."""
+    return sub.add_parser(name, formatter_class=_Help, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import vitcompress
     from vitcompress.train import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="vitcompress",
         description="Compress Vision Transformers and measure what it costs.",
+        formatter_class=_Help,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"vitcompress {vitcompress.__version__}"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list model presets with parameters and GFLOPs")
+    p = _command(sub, "models", help="list model presets with parameters and GFLOPs")
     _add_model_size_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
     d = TrainConfig()  # the defaults, from their one place
-    p = sub.add_parser("train", help="train a model (optionally distilled from a teacher)")
-    p.add_argument("--model", required=True, help="preset, e.g. vit-micro, deit-tiny, resnet18")
+    p = _command(sub, "train", help="train a model (optionally distilled from a teacher)")
+    p.add_argument(
+        "--model", help="preset, e.g. vit-micro, deit-tiny, resnet18 (not with --init-from)"
+    )
     p.add_argument(
         "--data",
         default="fashion-mnist",
-        help="fashion-mnist[:DIR] | imagefolder:PATH | cifar10:PATH (default fashion-mnist)",
+        help="fashion-mnist[:DIR] | imagefolder:PATH | cifar10:PATH",
     )
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the data")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="of targets")
     p.add_argument(
         "--drop-path", type=float, default=d.drop_path, help="stochastic depth rate (ViT)"
     )
@@ -245,13 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--init-from",
         metavar="RUN_DIR",
-        help="start from this run's weights (same model) with a fresh schedule",
+        help="start from this run's weights (trained here or imported) with a fresh schedule; "
+        "new class heads for data with other classes, position embedding resampled for "
+        "another --img-size, patch embedding adapted for other --channels",
     )
     _add_model_size_args(p)
     p.add_argument("--teacher", help="run directory of a trained teacher")
     p.add_argument("--distill", choices=["soft", "hard"], help="distillation kind (with --teacher)")
-    p.add_argument("--distill-alpha", type=float, default=d.distill_alpha)
-    p.add_argument("--distill-tau", type=float, default=d.distill_tau)
+    p.add_argument(
+        "--distill-alpha", type=float, default=d.distill_alpha, help="weight of the teacher"
+    )
+    p.add_argument("--distill-tau", type=float, default=d.distill_tau, help="soft temperature")
     p.add_argument(
         "--augment",
         choices=["crop+flip", "flip", "crop", "none"],
@@ -259,34 +305,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="training augmentation: random crop with padding and/or horizontal flip",
     )
     p.add_argument("--no-augment", action="store_true", help="same as --augment none")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="weights, data order, splits")
     p.add_argument("--limit", type=int, help="use only the first N images of each split")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="top-1/top-5/loss and parameter counts of a run")
+    p = _command(
+        sub,
+        "import",
+        help="a Hugging Face or timm ViT/DeiT as a run directory",
+        description="Convert a Hugging Face save_pretrained folder (ViTForImageClassification, "
+        "DeiTForImageClassification[WithTeacher]), a timm hub folder or a timm state-dict file "
+        "to vitcompress's ViT (same logits) and write a run directory that every other command "
+        "takes.",
+    )
+    p.add_argument("source", help="HF folder, timm folder, or timm weight file (.safetensors/.pth)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument(
+        "--model",
+        help="for a timm weight file: our preset (vit-small, deit-tiny, ...) or a timm name "
+        "(vit_small_patch16_224), which give the number of heads the weights do not",
+    )
+    p.add_argument("--num-heads", type=int, help="for a timm weight file of no known name")
+    p.add_argument("--data", help="evaluate on this data (same classes) and keep it as the run's")
+    p.add_argument("--limit", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_import)
+
+    p = _command(sub, "evaluate", help="top-1/top-5/loss and parameter counts of a run")
     p.add_argument("--checkpoint", required=True, help="run directory")
     p.add_argument("--data", help="data spec (default: the run's own)")
     p.add_argument("--limit", type=int, help="evaluate on the first N test images only")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("compress", help="apply a recipe (YAML) to a trained run, evaluate, measure")
+    p = _command(sub, "compress", help="apply a recipe (YAML) to a trained run, evaluate, measure")
     p.add_argument("--checkpoint", required=True, help="run directory of a trained model")
     p.add_argument("--recipe", required=True, help="recipe YAML file, or a built-in recipe by name")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--data", help="data spec (default: the checkpoint's own)")
     p.add_argument("--limit", type=int, help="use only the first N images of each split")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.add_argument("--no-speed", action="store_true", help="skip latency/throughput measurement")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("export", help="export a run as ONNX or as a packed checkpoint")
+    p = _command(sub, "export", help="export a run as ONNX or as a packed checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory")
     p.add_argument(
         "--format",
@@ -305,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help="latency and throughput on torch and onnxruntime")
+    p = _command(sub, "bench", help="latency and throughput on torch and onnxruntime")
     p.add_argument("--checkpoint", help="run directory to benchmark")
     p.add_argument("--model", help="a preset with random weights (speed only)")
     p.add_argument("--img-size", type=int, default=224)
@@ -325,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes over the variants (more: fairer on a busy machine)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("sweep", help="run a whole study (grid of recipes) into SQLite, resumably")
+    p = _command(sub, "sweep", help="run a whole study (grid of recipes) into SQLite, resumably")
     p.add_argument(
         "--study", required=True, help="study YAML, or a built-in: smoke, seed, seed-full"
     )
@@ -336,11 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data spec overriding the study's")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="plots and report.html from a sweep's results")
+    p = _command(sub, "report", help="plots and report.html from a sweep's results")
     p.add_argument("results", help="sweep output directory (holding results.sqlite)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="the main job: the seed study on Fashion-MNIST + report")
+    p = _command(sub, "demo", help="the main job: the seed study on Fashion-MNIST + report")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
 

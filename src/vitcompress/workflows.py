@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from vitcompress.errors import VitcompressError
 from vitcompress.fileio import read_json
 from vitcompress.measure import compression_fields, params_nonzero, params_total, speed_fields
 from vitcompress.models import build_model, model_config
+from vitcompress.models.imported import ImportedModel
 from vitcompress.models.transfer import adapt_model
 from vitcompress.runs import (
     CONFIG,
@@ -66,6 +68,7 @@ def datasets(data_cfg: dict, augment: bool | str | None = None):
         std=prep.get("std"),
         interpolation=prep.get("interpolation", "bilinear"),
         crop_pct=prep.get("crop_pct", 1.0),
+        class_order=data_cfg.get("class_order"),
     )
 
 
@@ -163,6 +166,8 @@ def train_run(
         prep = base_cfg.get("preprocess") or (base_cfg.get("data") or {}).get("preprocess")
         if prep:
             data_cfg["preprocess"] = _prep_for_channels(prep, data_cfg["channels"])
+        if base_cfg.get("classes"):  # keep an imported head's label order when it still fits
+            data_cfg["class_order"] = base_cfg["classes"]
         model_cfg = None
     else:
         if model is None:
@@ -255,6 +260,8 @@ def run_data(config: dict, where: Path, data: str | None, limit: int | None) -> 
     data_cfg.update(img_size=model["img_size"], channels=model["in_chans"])
     if config.get("preprocess") and not data_cfg.get("preprocess"):
         data_cfg["preprocess"] = config["preprocess"]
+    if config.get("classes"):  # an imported model's labels: a folder of them is read in order
+        data_cfg["class_order"] = config["classes"]
     return data_cfg
 
 
@@ -402,5 +409,104 @@ def compress_run(
             "wall_s": time.perf_counter() - t0,
         }
     )
+    save_run(out, model, config, metrics)
+    return metrics
+
+
+def import_model(source: str | Path, preset: str | None = None, **overrides: Any) -> ImportedModel:
+    """A Hugging Face ``save_pretrained`` folder, a timm hub folder or a timm state-dict file,
+    converted to our ViT (logits equal to the source's). ``preset`` and ``overrides``
+    (:class:`~vitcompress.models.vit.ViTConfig` fields such as ``num_heads``) are for timm files,
+    which do not say every size."""
+    from vitcompress.models.hf import load_hf
+    from vitcompress.models.timm import load_timm
+
+    path = Path(source)
+    if not path.exists():
+        raise VitcompressError(f"import: {path} not found")
+    if path.is_dir() and (path / "config.json").is_file():
+        cfg = read_json(path / "config.json")
+        if "architecture" in cfg or "pretrained_cfg" in cfg:  # timm's hub layout
+            return load_timm(path, preset, **overrides)
+        if preset is not None or overrides:
+            raise VitcompressError(
+                f"import: {path} is a Hugging Face folder; its config.json gives every size "
+                "(leave out --model and the sizes)"
+            )
+        return load_hf(path)
+    if path.is_dir():
+        raise VitcompressError(
+            f"import: {path} has no config.json (a Hugging Face save_pretrained folder or a timm "
+            "hub folder); for a bare timm weight file give the file and --model PRESET"
+        )
+    return load_timm(path, preset, **overrides)
+
+
+def import_run(
+    source: str | Path,
+    out: Path,
+    *,
+    preset: str | None = None,
+    data: str | None = None,
+    limit: int | None = None,
+    force: bool = False,
+    device: str = "auto",
+    **overrides: Any,
+) -> dict:
+    """Import a foreign ViT/DeiT (:func:`import_model`) as run directory ``out``: ordinary for
+    ``evaluate``, ``compress``, ``export``, ``bench``, studies and ``train --init-from``.
+
+    Its config.json records where it came from (``source``), its class names and its own
+    preprocessing (``preprocess``: mean, std, input size, interpolation, crop), which every
+    later job on it uses. With ``data`` (of the same classes) the run is evaluated on its test
+    split and the data becomes the run's own.
+    """
+    out = Path(out)
+    _check_out(out, False, force)
+    imported = import_model(source, preset, **overrides)
+    model, model_cfg = imported.model, imported.model_config
+    prep = {k: imported.preprocess[k] for k in ("mean", "std", "interpolation", "crop_pct")}
+    from vitcompress.data.transforms import INTERPOLATIONS
+
+    if prep["interpolation"] not in INTERPOLATIONS:
+        raise VitcompressError(
+            f"import: the model's preprocessing resizes with {prep['interpolation']!r}, which "
+            f"vitcompress does not do ({', '.join(INTERPOLATIONS)}); its evaluation would differ"
+        )
+    if imported.preprocess["img_size"] != model_cfg["img_size"]:
+        raise VitcompressError(
+            f"import: the preprocessing gives {imported.preprocess['img_size']}px images, the "
+            f"model takes {model_cfg['img_size']}px"
+        )
+    config = {
+        "model": model_cfg,
+        "source": imported.source,
+        "preprocess": {**imported.preprocess, **prep},
+        "classes": imported.classes,
+        "data": {
+            "spec": None,
+            "img_size": model_cfg["img_size"],
+            "seed": 0,
+            "augment": True,
+            "limit": limit,
+            "channels": model_cfg["in_chans"],
+            "classes": imported.classes,
+            "preprocess": prep,
+        },  # fmt: skip
+        "command": " ".join(["vitcompress", *sys.argv[1:]]) if sys.argv else None,
+        "versions": versions(),
+    }
+    metrics: dict = {"imported": True, "params_total": params_total(model),
+                     "params_nonzero": params_nonzero(model),
+                     "bytes_fp32": 4 * params_total(model)}  # fmt: skip
+    if data:
+        data_cfg = {**run_data(config, out, data, limit), "augment": False}
+        _, test_loader, info = loaders(data_cfg, 256)
+        check_classes(info, model_cfg, data)
+        dev = pick_device(device)
+        ev = evaluate(model.to(dev), test_loader, dev)
+        model.cpu()
+        metrics.update({k: ev[k] for k in ("top1", "top5", "loss")}, samples=ev["samples"])
+        config["data"] = {**data_cfg, "augment": True, "classes": list(info.classes)}
     save_run(out, model, config, metrics)
     return metrics

@@ -116,6 +116,7 @@ def load_data(
     std: Sequence[float] | None = None,
     interpolation: str = "bilinear",
     crop_pct: float = 1.0,
+    class_order: Sequence[str] | None = None,
 ) -> tuple[Dataset, Dataset, DataInfo]:
     """Training set (augmented when ``augment``), test/val set (never augmented), and info.
 
@@ -136,6 +137,8 @@ def load_data(
         interpolation, crop_pct: the resize (``bilinear``, ``bicubic``, ``nearest``) and the
             centre crop (resize to ``floor(img_size / crop_pct)``, keep the centre) of a model's
             own preprocessing; every split, training too, is prepared the same way.
+        class_order: a model's class names in label order: an image folder with exactly these
+            classes numbers them so (else in sorted folder order).
     """
     _check(img_size, val_fraction, limit, channels)
     check_interpolation(interpolation)
@@ -154,8 +157,9 @@ def load_data(
         assert path is not None
         prep = Prep(mean, std, interpolation, crop_pct)
         return _load_imagefolder(
-            spec, path, size, seed, augment, val_fraction, limit, channels, flip, pad, prep
-        )
+            spec, path, size, seed, augment, val_fraction, limit, channels, flip, pad, prep,
+            class_order,
+        )  # fmt: skip
     if kind == "fashion-mnist":
         train, test = fashion_mnist.load_arrays(path or fashion_mnist.DEFAULT_DIR)
         classes = fashion_mnist.CLASSES
@@ -187,8 +191,9 @@ def _load_imagefolder(
     flip: bool,
     pad: int | None,
     prep: Prep,
+    class_order: Sequence[str] | None,
 ) -> tuple[Dataset, Dataset, DataInfo]:
-    classes, train, val = imagefolder.scan(path, val_fraction, seed)
+    classes, train, val = imagefolder.scan(path, val_fraction, seed, class_order)
     out_channels = channels or (len(prep.mean) if prep.mean is not None else 3)
     mode = "L" if out_channels == 1 else "RGB"
     if prep.mean is not None:

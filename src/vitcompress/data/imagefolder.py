@@ -118,13 +118,21 @@ def split_layout(root: Path) -> tuple[Path, Path | None]:
 
 
 def scan(
-    root: Path, val_fraction: float, seed: int
+    root: Path, val_fraction: float, seed: int, class_order: Sequence[str] | None = None
 ) -> tuple[list[str], list[Sample], list[Sample]]:
-    """(class names, training samples, held-out samples) of an image folder."""
+    """(class names, training samples, held-out samples) of an image folder.
+
+    Classes are numbered in sorted folder order, or in ``class_order`` (a model's own label
+    order) when that names exactly the same classes.
+    """
     if not root.is_dir():
         raise VitcompressError(f"imagefolder data not found: {root}")
     train_dir, val_dir = split_layout(root)
     classes, per_class = _scan_classes(train_dir)
+    if class_order is not None and sorted(class_order) == classes and list(class_order) != classes:
+        where = {c: i for i, c in enumerate(classes)}
+        per_class = [per_class[where[c]] for c in class_order]
+        classes = list(class_order)
     if val_dir is None:
         train, val = stratified_split(classes, per_class, val_fraction, seed)
         if not val:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,13 +76,20 @@ def read_file(path: Path) -> Any:
             msg = f"{path} is not a readable safetensors file: {one_line(e)}"
             raise VitcompressError(msg) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors: all say "refused"
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found:
             raise VitcompressError(
                 f"{path}: refused to unpickle {found.group(1)}; only tensors are loaded "
                 "(weights_only=True), as a pickle can run code. Convert it to safetensors"
+            ) from None
+        if "Weights only load failed" in str(e):
+            raise VitcompressError(
+                f"{path} is not a readable weight file: not one torch.save wrote, or a pickle of "
+                "more than tensors, which is refused (a pickle can run code)"
             ) from None
         raise VitcompressError(f"{path} is not a readable weight file: {one_line(e)}") from None
 
