@@ -185,3 +185,54 @@ def test_bad_imports_are_one_line_and_write_nothing(tmp_path, capsys, monkeypatc
         assert match in _err(capsys), src
         assert not out.exists(), src
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_study_on_an_imported_model_fine_tunes_it_once_then_compresses(tmp_path, capsys):
+    """Study A on the user's own ViT and image folder is one command: `models: {from: RUN,
+    finetune: {...}}` fine-tunes the imported model on the study's data, then every recipe runs
+    on that baseline; `{from: RUN}` alone uses a run as it is."""
+    import yaml
+
+    from vitcompress.studies import expand_study, read_results
+
+    hf = _hf("ViT")
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "mine")]) == 0
+    data = _folder(tmp_path / "images", ["dark", "grey", "light"])
+    study = {
+        "name": "mine",
+        "data": data,
+        "speed": False,
+        "models": {
+            "mine": {
+                "from": str(tmp_path / "mine"),
+                "finetune": {"epochs": 4, "lr": 3e-3, "img_size": 32, "batch_size": 8},
+            },
+        },  # fmt: skip
+        "recipes": [
+            {
+                "name": "$fmt",
+                "grid": {"fmt": ["fp16", "int8"]},
+                "steps": [{"quantize": {"weights": "$fmt", "activations": "$fmt"}}],
+            },
+        ],  # fmt: skip
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    st = expand_study(str(path))
+    (base,) = st.baselines.values()
+    assert base.init_from == str(tmp_path / "mine") and base.train["img_size"] == 32
+    capsys.readouterr()
+    assert main(["sweep", "--study", str(path), "--out", str(tmp_path / "out")]) == 0
+    rows = {r["recipe"]: r for r in read_results(tmp_path / "out")}
+    assert set(rows) == {"fp16", "int8"} and all(r["status"] == "ok" for r in rows.values())
+    assert rows["fp16"]["top1"] == 1.0 and rows["int8"]["top1"] >= 0.8
+    ft_config = json.loads((base.directory(tmp_path / "out") / "config.json").read_text())
+    assert ft_config["init_from"] == str(tmp_path / "mine")
+    assert ft_config["model"]["num_classes"] == 3 and ft_config["model"]["img_size"] == 32
+    # the same model used as it is: no fine-tune, so its 5 classes do not fit this data
+    study["models"] = {"as-is": {"from": str(tmp_path / "mine")}}
+    path.write_text(yaml.safe_dump(study))
+    assert main(["sweep", "--study", str(path), "--out", str(tmp_path / "out2")]) == 0
+    failed = read_results(tmp_path / "out2")
+    assert all(r["status"] == "failed" and "3 classes, the model 5" in r["error"] for r in failed)

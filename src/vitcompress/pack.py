@@ -363,7 +363,8 @@ def decode_tensor(
 # --------------------------------------------------------------------------------------------
 
 
-def _model_config(model: nn.Module, config: dict) -> dict:
+def with_model_config(model: nn.Module, config: dict | None) -> dict:
+    """``config`` with a ``model`` section (from ``model.cfg`` for our ViTs when missing)."""
     config = dict(config or {})
     if "model" not in config:
         cfg = getattr(model, "cfg", None)
@@ -405,7 +406,7 @@ def _serialize(model: nn.Module, config: dict) -> bytes:
                 f"pack: {name} is a {type(m).__name__}, an execution format; pack the model "
                 "before converting it for execution"
             )
-    config = {**_model_config(model, config), "compression": describe_structure(model)}
+    config = {**with_model_config(model, config), "compression": describe_structure(model)}
     _check_rebuildable(model, config)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for k, v in state.items():
@@ -609,4 +610,5 @@ __all__ = [
     "pack_bits",
     "save_packed",
     "unpack_bits",
+    "with_model_config",
 ]

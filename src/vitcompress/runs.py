@@ -29,7 +29,7 @@ from torch import nn
 from vitcompress.errors import VitcompressError
 from vitcompress.fileio import atomic_write_bytes, read_json, write_json
 from vitcompress.models import build_model
-from vitcompress.pack import load_packed, save_packed
+from vitcompress.pack import load_packed, save_packed, with_model_config
 from vitcompress.steps.registry import describe_structure, rebuild_structure_
 from vitcompress.train import ResumeState
 
@@ -95,6 +95,22 @@ def save_run(out: Path, model: nn.Module, config: dict, metrics: dict | None = N
     write_json(out / CONFIG, config)
     if metrics is not None:
         write_json(out / METRICS, metrics)
+
+
+def save_pretrained(
+    model: nn.Module, out: str | Path, config: dict | None = None, metrics: dict | None = None
+) -> Path:
+    """Write ``model`` as a complete run directory (packed when compressed) that
+    :func:`load_run`, ``from_pretrained`` and every command take. ``config`` is the run config
+    it came with (``from_pretrained`` gives it; our ViTs need none)."""
+    config = with_model_config(model, config)
+    params = list(model.parameters())
+    done = {
+        "params_total": sum(p.numel() for p in params),
+        "params_nonzero": sum(int(torch.count_nonzero(p.detach())) for p in params),
+    }
+    save_run(Path(out), model, config, {**done, **(metrics or {})})
+    return Path(out)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -195,6 +211,7 @@ __all__ = [
     "load_train_state",
     "read_json",
     "read_weights",
+    "save_pretrained",
     "save_run",
     "save_train_state",
     "save_weights",

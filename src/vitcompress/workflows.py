@@ -442,6 +442,64 @@ def import_model(source: str | Path, preset: str | None = None, **overrides: Any
     return load_timm(path, preset, **overrides)
 
 
+def imported_config(imported: ImportedModel, limit: int | None = None) -> dict:
+    """The run config of an imported model: model, source, classes, its own preprocessing, and
+    a data section without a source (a job on it names its data)."""
+    from vitcompress.data.transforms import INTERPOLATIONS
+
+    model_cfg = imported.model_config
+    prep = {k: imported.preprocess[k] for k in ("mean", "std", "interpolation", "crop_pct")}
+    if prep["interpolation"] not in INTERPOLATIONS:
+        raise VitcompressError(
+            f"import: the model's preprocessing resizes with {prep['interpolation']!r}, which "
+            f"vitcompress does not do ({', '.join(INTERPOLATIONS)}); its evaluation would differ"
+        )
+    if imported.preprocess["img_size"] != model_cfg["img_size"]:
+        raise VitcompressError(
+            f"import: the preprocessing gives {imported.preprocess['img_size']}px images, the "
+            f"model takes {model_cfg['img_size']}px"
+        )
+    return {
+        "model": model_cfg,
+        "source": imported.source,
+        "preprocess": {**imported.preprocess, **prep},
+        "classes": imported.classes,
+        "data": {
+            "spec": None,
+            "img_size": model_cfg["img_size"],
+            "seed": 0,
+            "augment": True,
+            "limit": limit,
+            "channels": model_cfg["in_chans"],
+            "classes": imported.classes,
+            "preprocess": prep,
+        },  # fmt: skip
+        "command": " ".join(["vitcompress", *sys.argv[1:]]) if sys.argv else None,
+        "versions": versions(),
+    }
+
+
+def from_pretrained(source: str | Path, **kwargs: Any) -> tuple[nn.Module, dict]:
+    """``(model in eval mode, run config)`` from a run directory, a Hugging Face
+    ``save_pretrained`` folder, a timm hub folder or a timm weight file (``preset=...`` for a
+    bare one): one entry point for every model vitcompress takes."""
+    path = Path(source)
+    if path.is_dir() and (path / CONFIG).is_file() and "model" in read_json(path / CONFIG):
+        return load_run(path)
+    imported = import_model(path, **kwargs)
+    return imported.model, imported_config(imported)
+
+
+def data_loaders(
+    config: dict, data: str | None = None, batch_size: int = 64, limit: int | None = None
+):
+    """``(train loader, test loader, info)`` for a model's run config, on its own data or
+    ``data``, prepared as the model expects (its input size, channels, preprocessing and label
+    order): what ``evaluate``, ``compress`` and fine-tuning read."""
+    data_cfg = run_data(config, Path("<model>"), data, limit)
+    return loaders(data_cfg, batch_size)
+
+
 def import_run(
     source: str | Path,
     out: Path,
@@ -464,38 +522,8 @@ def import_run(
     out = Path(out)
     _check_out(out, False, force)
     imported = import_model(source, preset, **overrides)
-    model, model_cfg = imported.model, imported.model_config
-    prep = {k: imported.preprocess[k] for k in ("mean", "std", "interpolation", "crop_pct")}
-    from vitcompress.data.transforms import INTERPOLATIONS
-
-    if prep["interpolation"] not in INTERPOLATIONS:
-        raise VitcompressError(
-            f"import: the model's preprocessing resizes with {prep['interpolation']!r}, which "
-            f"vitcompress does not do ({', '.join(INTERPOLATIONS)}); its evaluation would differ"
-        )
-    if imported.preprocess["img_size"] != model_cfg["img_size"]:
-        raise VitcompressError(
-            f"import: the preprocessing gives {imported.preprocess['img_size']}px images, the "
-            f"model takes {model_cfg['img_size']}px"
-        )
-    config = {
-        "model": model_cfg,
-        "source": imported.source,
-        "preprocess": {**imported.preprocess, **prep},
-        "classes": imported.classes,
-        "data": {
-            "spec": None,
-            "img_size": model_cfg["img_size"],
-            "seed": 0,
-            "augment": True,
-            "limit": limit,
-            "channels": model_cfg["in_chans"],
-            "classes": imported.classes,
-            "preprocess": prep,
-        },  # fmt: skip
-        "command": " ".join(["vitcompress", *sys.argv[1:]]) if sys.argv else None,
-        "versions": versions(),
-    }
+    model, config = imported.model, imported_config(imported, limit)
+    model_cfg = config["model"]
     metrics: dict = {"imported": True, "params_total": params_total(model),
                      "params_nonzero": params_nonzero(model),
                      "bytes_fp32": 4 * params_total(model)}  # fmt: skip

@@ -27,6 +27,7 @@ from torch import nn
 
 from vitcompress.config import load_yaml
 from vitcompress.errors import VitcompressError
+from vitcompress.runs import load_run
 from vitcompress.sparsity import enforce_masks_
 from vitcompress.steps.registry import (
     Step,
@@ -224,8 +225,6 @@ def compress_(
             return teacher(spec)
         if spec == "self":
             return dense
-        from vitcompress.runs import load_run
-
         return load_run(spec)[0]
 
     ctx = StepContext(train_data, calib_data, device, seed, teacher_for)

@@ -235,15 +235,18 @@ def _train_task(b: Baseline, st: Study, out: Path) -> dict:
     if b.teacher is not None:
         tb = st.baselines.get(b.teacher)
         teacher_dir = str(tb.directory(out)) if tb else b.teacher
+    baseline = {
+        "preset": b.preset, "train": b.train, "distill": b.distill, "data": b.data,
+        "limit": b.limit, "seed": b.seed,
+    }  # fmt: skip
+    if b.init_from is not None:
+        baseline["init_from"] = b.init_from
     return {
         "kind": "train",
         "key": b.hash,
         "dir": str(b.directory(out)),
         "teacher_dir": teacher_dir,
-        "baseline": {
-            "preset": b.preset, "train": b.train, "distill": b.distill, "data": b.data,
-            "limit": b.limit, "seed": b.seed,
-        },
+        "baseline": baseline,
         "device": st.device,
         "log": str(out / "logs" / f"baseline-{safe_name(b.label)}-{b.hash}.log"),
     }  # fmt: skip
@@ -253,7 +256,7 @@ def _run_task(r: RunSpec, st: Study, out: Path) -> dict:
     def directory(h: str) -> Path:
         return st.baselines[h].directory(out)
 
-    return {
+    task = {
         "kind": "compress",
         "key": r.id,
         "dir": str(out / "runs" / r.id),
@@ -263,6 +266,10 @@ def _run_task(r: RunSpec, st: Study, out: Path) -> dict:
         "speed": st.speed,
         "log": str(out / "logs" / f"{r.id}.log"),
     }
+    base = st.baselines[r.baseline]
+    if base.run is not None:  # an existing run: the study's data, not the one it was made on
+        task.update(data=r.data, limit=base.limit)
+    return task
 
 
 def _meta_row(r: RunSpec, st: Study, out: Path, base_metrics: dict) -> dict:

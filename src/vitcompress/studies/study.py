@@ -25,7 +25,12 @@ A study is a YAML file (or a built-in name: ``smoke``, ``seed``, ``seed-full``):
         steps:
           - quantize: $format
 
-Model keys: ``preset`` or ``run``; training settings ``epochs``, ``lr``, ``batch_size``,
+Model keys: ``preset``, ``run`` or ``from``. ``run: DIR`` uses an existing run as it is
+(trained here, or made by ``vitcompress import``); ``from: DIR`` does the same, and with
+``finetune: {epochs: 3, lr: 1.0e-4, img_size: 224, ...}`` (TrainConfig fields, fine-tuning
+defaults) first fine-tunes it on the study's data, with new heads for its classes and a
+resampled position embedding for another size (``train --init-from``). With ``preset``,
+training settings ``epochs``, ``lr``, ``batch_size``,
 ``weight_decay``, ``warmup_epochs``, ``label_smoothing``, ``augment``, ``img_size``,
 ``patch_size``, ``drop_path``, ``amp`` (``bf16``: autocast, faster for a ResNet on the CPU);
 ``limit`` (this model's own image limit, e.g. for a teacher; runs on a model are evaluated on its
@@ -66,7 +71,7 @@ TRAIN_KEYS = (
     "img_size", "patch_size", "drop_path", "distill_alpha", "distill_tau", "amp",
 )  # fmt: skip
 TRAIN_DEFAULTS: dict[str, Any] = {k: getattr(TrainConfig(), k) for k in TRAIN_KEYS}
-MODEL_KEYS = ("preset", "run", "teacher", "distill", "limit", *TRAIN_DEFAULTS)
+MODEL_KEYS = ("preset", "run", "from", "finetune", "teacher", "distill", "limit", *TRAIN_DEFAULTS)
 DEFAULT_RESOURCES = MappingProxyType({"cpus": 1, "gpus": 0})
 
 
@@ -90,6 +95,7 @@ class Baseline:
     seed: int
     family: str
     size: str
+    init_from: str | None = None  # an existing run this baseline is fine-tuned from (absolute)
 
     def directory(self, out: Path) -> Path:
         """Where this baseline is (an existing run) or is trained to: ``out/baselines/<hash>``."""
@@ -275,18 +281,46 @@ def _model_entries(doc: Mapping, src: str) -> dict[str, tuple[str, dict]]:
 def _existing_run(
     label: str, spec: dict, where: str, data: str, limit: int | None, seed: int
 ) -> Baseline:
-    extra = [k for k in spec if k != "run"]
+    key = "run" if "run" in spec else "from"
+    extra = [k for k in spec if k not in (key, "finetune", "limit")]
     if extra:
         raise VitcompressError(f"{where}: {extra[0]!r} does not apply to an existing run")
-    run = Path(str(spec["run"])).expanduser().resolve()
+    run = Path(str(spec[key])).expanduser().resolve()
     if not (run / "config.json").is_file():
         raise VitcompressError(f"{where}: run {run} is not a run directory (no config.json)")
-    cfg = json.loads((run / "config.json").read_text())
-    preset = str(cfg.get("model", {}).get("preset") or run.name)
+    try:
+        cfg = json.loads((run / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VitcompressError(f"{where}: corrupt {run / 'config.json'}: {e}") from None
+    model = cfg.get("model", {}) if isinstance(cfg, dict) else {}
+    preset = str(model.get("preset") or run.name)
     fam, size = _family_size(preset)
-    # an existing run is named by where it is: it is not retrained, so nothing else identifies it
-    h = digest({"run": str(run)})
-    return Baseline(label, h, None, str(run), {}, None, None, data, limit, seed, fam, size)
+    if spec.get("finetune") is None:
+        if "limit" in spec:
+            raise VitcompressError(f"{where}: 'limit' does not apply to an existing run")
+        # an existing run is named by where it is: it is not retrained, nothing else names it
+        h = digest({"run": str(run)})
+        return Baseline(label, h, None, str(run), {}, None, None, data, limit, seed, fam, size)
+    if key != "from":
+        raise VitcompressError(f"{where}: 'finetune' goes with 'from: RUN_DIR', not 'run'")
+    ft = spec["finetune"]
+    if not isinstance(ft, Mapping):
+        raise VitcompressError(f"{where}: finetune must be a mapping of training settings")
+    check_keys(ft, [k for k in TrainConfig.__dataclass_fields__ if k not in ("seed", "distill")],
+               f"{where}: finetune")  # fmt: skip
+    try:
+        train = TrainConfig.for_finetune(**ft).to_dict()
+    except VitcompressError as e:
+        raise VitcompressError(f"{where}: finetune: {e}") from None
+    for k in ("seed", "distill"):
+        train.pop(k)
+    own_limit = spec.get("limit", limit)
+    if own_limit is not None and (not is_int(own_limit) or own_limit < 1):
+        raise VitcompressError(f"{where}: limit must be an integer >= 1, got {own_limit!r}")
+    h = digest({"from": str(run), "finetune": train, "data": data, "limit": own_limit,
+                "seed": seed})  # fmt: skip
+    return Baseline(label, h, None, None, train, None, None, data, own_limit, seed, fam, size,
+                    init_from=str(run))  # fmt: skip
 
 
 def resolve_models(
@@ -309,9 +343,9 @@ def resolve_models(
         where, spec = entries[label]
         if label in stack:
             raise VitcompressError(f"{where}: teacher cycle {' -> '.join((*stack, label))}")
-        if ("preset" in spec) == ("run" in spec):
-            raise VitcompressError(f"{where}: give exactly one of 'preset' or 'run'")
-        if "run" in spec:
+        if sum(k in spec for k in ("preset", "run", "from")) != 1:
+            raise VitcompressError(f"{where}: give exactly one of 'preset', 'run' or 'from'")
+        if "run" in spec or "from" in spec:
             b = _existing_run(label, spec, where, data, limit, seed)
         else:
             preset = str(spec["preset"])
