@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from vitcompress.errors import VitcompressError
+from vitcompress.optional import need
 from vitcompress.ort import (
     INPUT,
     ORT_DOMAIN,
@@ -421,7 +422,8 @@ def export_onnx(
         VitcompressError: an unsupported combination, an exporter failure, or a model that
             onnxruntime cannot load or run (one line).
     """
-    import onnx
+    onnx = need("onnx", "ONNX export")
+    need("onnxruntime", "ONNX export (every export is checked in onnxruntime)")
 
     if precision not in PRECISIONS:
         raise VitcompressError(f"precision must be one of {PRECISIONS}, got {precision!r}")

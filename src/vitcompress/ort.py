@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vitcompress.errors import VitcompressError
+from vitcompress.optional import need
 
 INPUT, OUTPUT = "input", "logits"
 ORT_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
@@ -37,8 +38,7 @@ def ort_session(
     ``spinning=False`` stops its idle threads from busy-waiting after each run: on a shared
     machine, or next to torch in one process, spinning threads steal the cores others need.
     """
-    import onnxruntime as ort
-
+    ort = need("onnxruntime", "running an ONNX model")
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:

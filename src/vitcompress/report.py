@@ -132,8 +132,9 @@ def best_per_band(rows: list[dict], n: int = 5) -> dict[str, list[dict]]:
 
 
 def _plt():
-    import matplotlib
+    from vitcompress.optional import need
 
+    matplotlib = need("matplotlib", "a report")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
