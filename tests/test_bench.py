@@ -54,7 +54,7 @@ def test_bench_compressed_checkpoint_and_cli(tiny_vit_cfg, tmp_path, capsys):
     model = build_model(tiny_vit_cfg).eval()
     quantize_(model, QuantizeConfig(), [torch.randn(4, 1, 16, 16)])
     assert is_compressed(model)
-    save_run(tmp_path / "run", model, {"model": tiny_vit_cfg})  # stored packed, as compressed
+    save_run(tmp_path / "run", model, {"model": tiny_vit_cfg}, {})  # stored packed, as compressed
     x = torch.randn(6, 1, 16, 16)
     with torch.no_grad():
         y = model(x).argmax(-1)
@@ -78,11 +78,11 @@ def test_bench_compares_compressed_runs_of_the_same_model(tiny_vit_cfg, tmp_path
 
     torch.manual_seed(0)
     dense = build_model(tiny_vit_cfg).eval()
-    save_run(tmp_path / "dense", dense, {"model": tiny_vit_cfg})
+    save_run(tmp_path / "dense", dense, {"model": tiny_vit_cfg}, {})
     q = build_model(tiny_vit_cfg).eval()
     q.load_state_dict(dense.state_dict())
     quantize_(q, QuantizeConfig(rest="int8"), [torch.randn(4, 1, 16, 16)])
-    save_run(tmp_path / "int8-run", q, {"model": tiny_vit_cfg})
+    save_run(tmp_path / "int8-run", q, {"model": tiny_vit_cfg}, {})
     x = torch.randn(6, 1, 16, 16)
     with torch.no_grad():
         y = dense(x).argmax(-1)
@@ -124,7 +124,7 @@ def test_bench_compares_compressed_runs_of_the_same_model(tiny_vit_cfg, tmp_path
     assert len(err.splitlines()) == 1 and "unknown bench variant 'ort-gpu'" in err
     # a run of another input size is refused before any timing
     cfg32 = model_config("vit-nano", img_size=32, patch_size=4, in_chans=1, num_classes=4)
-    save_run(tmp_path / "other", build_model(cfg32), {"model": cfg32})
+    save_run(tmp_path / "other", build_model(cfg32), {"model": cfg32}, {})
     with pytest.raises(VitcompressError, match="takes 1x32x32 images"):
         bench(checkpoint=tmp_path / "dense", compare=[tmp_path / "other"], **FAST)
     with pytest.raises(VitcompressError, match="not a run directory|not found|no such"):

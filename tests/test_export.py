@@ -188,7 +188,7 @@ def test_export_cli(tiny_vit_cfg, tmp_path):
     model = _model(tiny_vit_cfg, "fp32")
     run = tmp_path / "run"
     data = {"classes": META["classes"], "mean": [0.5], "std": [0.25]}
-    save_run(run, model, {"model": tiny_vit_cfg, "data": data})
+    save_run(run, model, {"model": tiny_vit_cfg, "data": data}, {})
     onnx_path = export_cli(run, "onnx", tmp_path / "m.onnx")
     meta = read_metadata(onnx_path)
     assert json.loads(meta["classes"]) == META["classes"] and meta["model"] == "vit-nano"

@@ -95,7 +95,7 @@ def test_a_compressed_run_is_stored_packed_and_occupies_its_bytes_stored(tmp_pat
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     # saved again as a dense model, the packed file goes: one set of weights per directory
-    save_run(tmp_path, build_model(tiny_vit_cfg), {"model": tiny_vit_cfg})
+    save_run(tmp_path, build_model(tiny_vit_cfg), {"model": tiny_vit_cfg}, {})
     assert (tmp_path / WEIGHTS).is_file() and not (tmp_path / PACKED).exists()
 
 
@@ -125,6 +125,7 @@ def test_a_compressed_run_from_before_the_registry_still_loads(tmp_path, tiny_vi
     tmp_path.mkdir(exist_ok=True)
     save_weights(model, tmp_path / WEIGHTS)
     (tmp_path / CONFIG).write_text(json.dumps({"model": tiny_vit_cfg, "compression": legacy}))
+    (tmp_path / "metrics.json").write_text("{}")
     loaded, _ = load_run(tmp_path)
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 import statistics
 import tempfile
@@ -587,7 +586,9 @@ def bench_cli(
     """``vitcompress bench``: run :func:`bench` and print a table (or JSON); returns the rows."""
     rows = bench(checkpoint=checkpoint, model=model, img_size=img_size, threads=threads,
                  compare=compare, variants=variants, passes=passes)  # fmt: skip
-    print(json.dumps(rows, indent=2) if json_out else format_table(rows))
+    from vitcompress.fileio import dumps_strict
+
+    print(dumps_strict(rows) if json_out else format_table(rows))
     return rows
 
 

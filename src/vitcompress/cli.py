@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 from vitcompress.errors import VitcompressError
+from vitcompress.fileio import dumps_strict
 
 
 def _add_model_size_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(dumps_strict(rows))
         return 0
     print(f"{'model':<14}{'params':>12}{'GFLOPs':>10}  input")
     for r in rows:
@@ -114,7 +114,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         force=args.force, device=args.device, **sizes,
     )  # fmt: skip
     if args.json:
-        print(json.dumps(m, indent=2))
+        print(dumps_strict(m))
         return 0
     line = f"imported {args.source}: {m['params_total']:,} parameters"
     if "top1" in m:
@@ -127,9 +127,12 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vitcompress.workflows import evaluate_run
 
-    m = evaluate_run(Path(args.checkpoint), data=args.data, limit=args.limit, device=args.device)
+    m = evaluate_run(
+        Path(args.checkpoint), data=args.data, limit=args.limit, device=args.device,
+        allow_nonfinite=args.allow_nonfinite,
+    )  # fmt: skip
     if args.json:
-        print(json.dumps(m, indent=2))
+        print(dumps_strict(m))
     else:
         print(_metrics_line(m))
     return 0
@@ -149,7 +152,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         speed=not args.no_speed,
     )
     if args.json:
-        print(json.dumps(m, indent=2))
+        print(dumps_strict(m))
         return 0
     print(_metrics_line(m))
     ratio = m["bytes_fp32"] / m["bytes_stored"] if m.get("bytes_stored") else float("nan")
@@ -342,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate on the first N test images only")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--allow-nonfinite", action="store_true",
+        help="load weights holding NaN or Inf (to debug a broken run)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
 
     p = _command(sub, "compress", help="apply a recipe (YAML) to a trained run, evaluate, measure")

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from vitcompress.errors import VitcompressError
+from vitcompress.fileio import atomic_path
 from vitcompress.optional import need
 from vitcompress.ort import (
     INPUT,
@@ -451,8 +452,8 @@ def export_onnx(
         meta["vitcompress.check"] = check_onnx(proto.SerializeToString(), model, input_shape)
     set_metadata(proto, {**(metadata or {}), **meta})
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
     return path
 
 
@@ -492,14 +493,23 @@ def export_cli(checkpoint: Path, fmt: str, out: Path, fused_attention: bool = Fa
     ``onnx-dynamic`` (onnxruntime's quantize_dynamic of the fp32 export), ``packed``.
     ``fused_attention``: ONNX formats only (:func:`export_onnx`).
     """
+    from vitcompress.outputs import check_output_file, output_lock
     from vitcompress.runs import load_run
 
     if fmt not in EXPORT_FORMATS:
         raise VitcompressError(f"unknown export format {fmt!r}; choose from {EXPORT_FORMATS}")
     if fused_attention and not fmt.startswith("onnx"):
         raise VitcompressError(f"fused attention is an ONNX option; format {fmt!r} has no graph")
-    model, config = load_run(Path(checkpoint))
     out = Path(out)
+    check_output_file(
+        out, inputs=list(Path(checkpoint).glob("*")) if Path(checkpoint).is_dir() else []
+    )
+    model, config = load_run(Path(checkpoint))
+    with output_lock(out):
+        return _export(model, config, fmt, out, fused_attention)
+
+
+def _export(model: nn.Module, config: dict, fmt: str, out: Path, fused_attention: bool) -> Path:
     if fmt == "packed":
         from vitcompress.pack import save_packed
 

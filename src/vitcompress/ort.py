@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vitcompress.errors import VitcompressError
+from vitcompress.fileio import atomic_path
 from vitcompress.optional import need
 
 INPUT, OUTPUT = "input", "logits"
@@ -115,19 +116,20 @@ def quantize_dynamic_onnx(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
-    logging.disable(logging.WARNING)  # its advice to pre-process goes to the root logger
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-    except Exception as e:
-        raise VitcompressError(f"onnxruntime quantize_dynamic failed ({one_line(e)})") from None
-    finally:
-        logging.disable(logging.NOTSET)
-    src_meta = read_metadata(src)
-    proto = onnx.load(str(dst))
-    set_metadata(proto, {**src_meta, "vitcompress.format": "ort-quantize-dynamic"})
-    onnx.save(proto, str(dst))
+    with atomic_path(dst) as tmp:
+        logging.disable(logging.WARNING)  # its advice to pre-process goes to the root logger
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+        except Exception as e:
+            raise VitcompressError(f"onnxruntime quantize_dynamic failed ({one_line(e)})") from None
+        finally:
+            logging.disable(logging.NOTSET)
+        src_meta = read_metadata(src)
+        proto = onnx.load(str(tmp))
+        set_metadata(proto, {**src_meta, "vitcompress.format": "ort-quantize-dynamic"})
+        onnx.save(proto, str(tmp))
     return dst
 
 

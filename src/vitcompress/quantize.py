@@ -194,6 +194,11 @@ class ActivationQuantizer(nn.Module):
                 f"quantizer {where or '?'} saw no data during calibration; check that calib_data "
                 "reaches this layer (or ignore it)"
             )
+        if not (math.isfinite(self._lo) and math.isfinite(self._hi)):
+            raise VitcompressError(
+                f"quantizer {where or '?'} saw NaN or Inf activations during calibration; the "
+                "model or its calibration data is broken"
+            )
         lo, hi = torch.tensor(self._lo), torch.tensor(self._hi)
         if self.method == "minmax":
             scale, zp = qparams_from_minmax(lo, hi, self.fmt)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitcompress.errors import VitcompressError
-from vitcompress.fileio import atomic_write_bytes, read_json, write_json
+from vitcompress.fileio import atomic_write_bytes, file_mode, read_json, write_json
 from vitcompress.models import build_model
 from vitcompress.pack import load_packed, save_packed, with_model_config
 from vitcompress.steps.registry import describe_structure, rebuild_structure_
@@ -67,6 +67,7 @@ def save_weights(model: nn.Module, path: Path) -> None:
     os.close(fd)
     try:
         save_file(state_dict_for_save(model), tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -124,8 +125,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise VitcompressError(f"corrupt safetensors file {path}: {msg}") from None
 
 
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model`` after checking names and shapes; one line on mismatch."""
+def load_state_checked(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False
+) -> None:
+    """Load ``state`` into ``model`` after checking names and shapes; one line on mismatch.
+    ``assign`` takes the tensors themselves (a model built on the meta device)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -143,25 +147,59 @@ def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source:
                 f"{source}: shape mismatch for {k!r}: file has {tuple(state[k].shape)}, "
                 f"config.json describes {tuple(v.shape)}"
             )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
-def load_run(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model a run directory describes and load its weights; (model, config)."""
+def check_finite(model: nn.Module, where: str) -> None:
+    """Refuse weights holding NaN or Inf: every result computed from them would be garbage
+    (INT8 quantisation would even turn them into plausible finite codes)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise VitcompressError(
+                f"{where}: tensor {name!r} holds {bad} NaN or Inf value(s); refused "
+                "(--allow-nonfinite loads it anyway, to debug)"
+            )
+
+
+def load_run(
+    run_dir: Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    complete: bool = True,
+    allow_nonfinite: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Rebuild the model a run directory describes and load its weights; (model, config).
+
+    The model is built on the meta device and its shapes checked against the file before any
+    memory is taken, so a config.json describing a huge model costs nothing. A run without
+    ``metrics.json`` (interrupted) is refused unless ``complete=False``, weights with NaN or Inf
+    unless ``allow_nonfinite``.
+    """
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise VitcompressError(f"checkpoint directory not found: {run_dir}")
     if not run_dir.is_dir():
         raise VitcompressError(f"checkpoint must be a run directory, not a file: {run_dir}")
     config = read_json(run_dir / CONFIG)
-    if not isinstance(config, dict) or "model" not in config:
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise VitcompressError(f"{run_dir / CONFIG} has no 'model' section")
+    if complete and not (run_dir / METRICS).is_file():
+        how = "--resume finishes it" if (run_dir / TRAIN_STATE).is_file() else "rerun it"
+        raise VitcompressError(f"{run_dir} is an incomplete run (no metrics.json): {how}")
     if (run_dir / PACKED).is_file():
         model, _ = load_packed(run_dir / PACKED)
     else:  # a dense run, or a compressed one written before runs stored packed weights
-        model = build_model(config["model"])
-        rebuild_structure_(model, config.get("compression", []), str(run_dir / CONFIG))
-        load_state_checked(model, read_weights(run_dir / WEIGHTS), str(run_dir / WEIGHTS))
+        with torch.device("meta"):
+            model = build_model(config["model"])
+            rebuild_structure_(model, config.get("compression", []), str(run_dir / CONFIG))
+        state = read_weights(run_dir / WEIGHTS)
+        load_state_checked(model, state, str(run_dir / WEIGHTS), assign=True)
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise VitcompressError(f"{run_dir / WEIGHTS}: no value for {left[0]!r}")
+    if not allow_nonfinite:
+        check_finite(model, str(run_dir))
     model.to(map_location)
     model.eval()
     return model, config
@@ -206,6 +244,7 @@ __all__ = [
     "PACKED",
     "TRAIN_STATE",
     "WEIGHTS",
+    "check_finite",
     "load_run",
     "load_state_checked",
     "load_train_state",

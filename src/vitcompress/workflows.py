@@ -18,12 +18,17 @@ from vitcompress.measure import compression_fields, params_nonzero, params_total
 from vitcompress.models import build_model, model_config
 from vitcompress.models.imported import ImportedModel
 from vitcompress.models.transfer import adapt_model
+from vitcompress.outputs import (
+    check_output_dir,
+    commit_dir,
+    fresh_partial,
+    output_lock,
+    partial_dir,
+)
 from vitcompress.runs import (
     CONFIG,
     METRICS,
-    PACKED,
     TRAIN_STATE,
-    WEIGHTS,
     load_run,
     load_train_state,
     save_run,
@@ -94,19 +99,16 @@ def load_teacher(path: Path, model_cfg: dict) -> nn.Module:
     return teacher
 
 
-def _check_out(out: Path, resume: bool, force: bool) -> None:
-    if resume or not out.exists():
-        return
-    finished = (out / METRICS).is_file()
-    interrupted = (out / TRAIN_STATE).is_file()
-    if not (finished or interrupted or (out / WEIGHTS).exists() or (out / PACKED).exists()):
-        return
-    if force:
-        for name in (WEIGHTS, PACKED, CONFIG, METRICS, TRAIN_STATE):
-            (out / name).unlink(missing_ok=True)
-        return
-    what = "a finished run" if finished else "an interrupted run (use --resume to continue)"
-    raise VitcompressError(f"{out} already holds {what}; pass --force to start over")
+def interrupted_dir(out: Path) -> Path:
+    """Where the interrupted training for ``out`` waits: ``<out>.partial``, or ``out`` itself
+    for a run interrupted before runs were built beside their destination."""
+    out = Path(out)
+    for d in (partial_dir(out), out):
+        if (d / TRAIN_STATE).is_file() and (d / CONFIG).is_file():
+            return d
+    if (out / METRICS).is_file():
+        raise VitcompressError(f"{out} is a finished run (no {TRAIN_STATE}); nothing to resume")
+    raise VitcompressError(f"cannot resume: no interrupted training for {out}")
 
 
 def train_run(
@@ -144,7 +146,29 @@ def train_run(
         raise VitcompressError("--distill needs --teacher RUN_DIR")
     if teacher is not None and not cfg.distill:
         cfg = replace(cfg, distill="hard")
-    _check_out(out, resume, force)
+    check_output_dir(out, force=force, inputs=[teacher, init_from], resume=resume)
+    with output_lock(out):
+        work = interrupted_dir(out) if resume else fresh_partial(out)
+        metrics = _train_in(work, model, data, cfg, teacher, init_from, channels, limit, resume,
+                            device)  # fmt: skip
+        if work != out:
+            commit_dir(work, out)
+    return metrics
+
+
+def _train_in(
+    out: Path,
+    model: str | None,
+    data: str,
+    cfg: TrainConfig,
+    teacher: Path | None,
+    init_from: Path | None,
+    channels: int | None,
+    limit: int | None,
+    resume: bool,
+    device: str,
+) -> dict:
+    """:func:`train_run`'s work, in run directory ``out`` (the partial one being built)."""
     base = base_cfg = None
     if resume:
         saved = read_json(out / CONFIG)
@@ -304,10 +328,14 @@ def _prep_for_channels(prep: dict, channels: int) -> dict:
 
 
 def evaluate_run(
-    checkpoint: Path, data: str | None = None, limit: int | None = None, device: str = "auto"
+    checkpoint: Path,
+    data: str | None = None,
+    limit: int | None = None,
+    device: str = "auto",
+    allow_nonfinite: bool = False,
 ) -> dict:
     """Evaluate a run directory on its own test split (or another data spec of the same shape)."""
-    model, config = load_run(checkpoint)
+    model, config = load_run(checkpoint, allow_nonfinite=allow_nonfinite)
     data_cfg = {**run_data(config, Path(checkpoint), data, limit), "augment": False}
     _, test_loader, info = loaders(data_cfg, 256)
     check_classes(info, config["model"], data_cfg["spec"])
@@ -349,19 +377,41 @@ def compress_run(
     Everything about the recipe (keys, values, layer patterns, teacher paths) is checked before
     any work starts. ``metrics.json`` is written last, so a run directory with it is complete.
     """
-    import copy
     import time
 
     t0 = time.perf_counter()
     out = Path(out)
     recipe = as_recipe(recipe)
+    check_output_dir(out, force=force, inputs=[checkpoint])
     model, base_cfg = load_run(checkpoint)
     if base_cfg.get("compression"):
         raise VitcompressError(
             f"{checkpoint} is already compressed; apply recipes to a dense trained run"
         )
     check_recipe_names(recipe, model)
-    _check_out(out, False, force)
+    with output_lock(out):
+        partial = fresh_partial(out)
+        metrics = _compress_into(partial, checkpoint, model, base_cfg, recipe, data, limit,
+                                 device, speed, t0)  # fmt: skip
+        commit_dir(partial, out)
+    return metrics
+
+
+def _compress_into(
+    out: Path,
+    checkpoint: Path,
+    model: nn.Module,
+    base_cfg: dict,
+    recipe: Recipe,
+    data: str | None,
+    limit: int | None,
+    device: str,
+    speed: bool,
+    t0: float,
+) -> dict:
+    """:func:`compress_run`'s work, written to run directory ``out`` (the partial one)."""
+    import copy
+    import time
 
     data_cfg = run_data(base_cfg, Path(checkpoint), data, limit)
     seed = int(data_cfg.get("seed", 0))
@@ -520,7 +570,24 @@ def import_run(
     split and the data becomes the run's own.
     """
     out = Path(out)
-    _check_out(out, False, force)
+    check_output_dir(out, force=force, inputs=[Path(source)])
+    with output_lock(out):
+        partial = fresh_partial(out)
+        metrics = _import_into(partial, source, preset, data, limit, device, overrides)
+        commit_dir(partial, out)
+    return metrics
+
+
+def _import_into(
+    out: Path,
+    source: str | Path,
+    preset: str | None,
+    data: str | None,
+    limit: int | None,
+    device: str,
+    overrides: dict,
+) -> dict:
+    """:func:`import_run`'s work, written to run directory ``out`` (the partial one)."""
     imported = import_model(source, preset, **overrides)
     model, config = imported.model, imported_config(imported, limit)
     model_cfg = config["model"]

@@ -102,7 +102,7 @@ def test_prune_finetune_quantize_then_reload_gives_identical_logits(tmp_path, ti
         w = blk.mlp.fc1.weight.detach()
         assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
     model.eval()
-    save_run(tmp_path, model, {"model": tiny_vit_cfg, "compression": records})
+    save_run(tmp_path, model, {"model": tiny_vit_cfg, "compression": records}, {})
     loaded, _ = load_run(tmp_path)
     x = torch.randn(3, 1, 16, 16)
     assert torch.equal(model(x), loaded(x))

@@ -176,7 +176,7 @@ def test_shrunk_run_reloads_packs_and_exports(tmp_path):
     fields = compression_fields(model, _model(), recipe, reports, config)
     assert fields["pattern"] == "structured" and fields["sparsity"] == 0.0
     assert fields["params_total"] < 0.75 * fields["bytes_fp32"] / 4  # parameters really gone
-    save_run(tmp_path / "run", model, {"model": CFG, "compression": records})
+    save_run(tmp_path / "run", model, {"model": CFG, "compression": records}, {})
     loaded, _ = load_run(tmp_path / "run")
     with torch.no_grad():
         ref = model(x)

@@ -231,6 +231,12 @@ def quantize_(
     def act(fmt: Format, dim: int = -1) -> ActivationQuantizer:
         return ActivationQuantizer(fmt, config.dynamic, cal.method, cal.percentile, dim)
 
+    for name, linear in layers:  # all checked before the model changes
+        if not bool(torch.isfinite(linear.weight.detach()).all()):
+            raise VitcompressError(
+                f"quantize: {name}.weight holds NaN or Inf; quantising would hide it behind "
+                "finite codes"
+            )
     for name, linear in layers:
         aq = act(afmt) if afmt is not None else None
         new = QuantLinear.from_linear(

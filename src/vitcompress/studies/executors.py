@@ -91,6 +91,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _train_baseline(task: dict) -> dict:
+    from vitcompress.outputs import partial_dir
     from vitcompress.runs import METRICS, TRAIN_STATE, read_json
     from vitcompress.train import TrainConfig
     from vitcompress.workflows import train_run
@@ -101,7 +102,8 @@ def _train_baseline(task: dict) -> dict:
         if (out / METRICS).is_file():
             return read_json(out / METRICS)
         b = task["baseline"]
-        resume = (out / TRAIN_STATE).is_file() and (out / "config.json").is_file()
+        resume = any((d / TRAIN_STATE).is_file() and (d / "config.json").is_file()
+                     for d in (partial_dir(out), out))  # fmt: skip
         return train_run(
             b["preset"],
             b["data"],
