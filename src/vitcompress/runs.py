@@ -190,9 +190,12 @@ def load_run(
     if (run_dir / PACKED).is_file():
         model, _ = load_packed(run_dir / PACKED)
     else:  # a dense run, or a compressed one written before runs stored packed weights
-        with torch.device("meta"):
+        records = config.get("compression") or []
+        # records of before the registry replay a quantize config, which computes on weights
+        replay = any(isinstance(r, dict) and "config" in r for r in records)
+        with torch.device("cpu" if replay else "meta"):
             model = build_model(config["model"])
-            rebuild_structure_(model, config.get("compression", []), str(run_dir / CONFIG))
+            rebuild_structure_(model, records, str(run_dir / CONFIG))
         state = read_weights(run_dir / WEIGHTS)
         load_state_checked(model, state, str(run_dir / WEIGHTS), assign=True)
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
