@@ -209,7 +209,7 @@ def test_deit_without_distillation_head():
     [
         (dict(act="gelu_new"), r"act 'gelu_new' is not supported; use one of"),
         (dict(layer_norm_eps=0), "layer_norm_eps must be a number in"),
-        (dict(mlp_hidden=0), "mlp_hidden must be an integer >= 1"),
+        (dict(mlp_hidden=0), r"mlp_hidden must be an integer in \[1, 65,536\]"),
         (dict(qkv_bias="yes"), "qkv_bias must be true or false"),
         (dict(dist_head=False), r"dist_head=False only applies to a distilled model"),
     ],
@@ -231,3 +231,15 @@ def test_qkv_without_bias_shrinks_and_restores():
     fresh.load_state_dict(model.state_dict())  # strict: same keys, same shapes
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(fresh(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("depth", 10**6), ("embed_dim", 2**20), ("img_size", 0), ("num_classes", 10**9),
+     ("depth", 2.5), ("mlp_ratio", 1e9)],
+)  # fmt: skip
+def test_a_config_cannot_ask_for_an_absurd_model(field, value):
+    """config.json is read before the weights: absurd sizes are refused, not allocated."""
+    cfg = {**model_config("vit-nano"), field: value}
+    with pytest.raises(VitcompressError, match=field):
+        build_model(cfg)

@@ -30,8 +30,15 @@ class ResNetConfig:
             raise VitcompressError(
                 f"ResNet block must be 'basic' or 'bottleneck', not {self.block!r}"
             )
-        if len(self.layers) != len(self.widths):
-            raise VitcompressError("ResNet layers and widths must have the same length")
+        if len(self.layers) != len(self.widths) or not 1 <= len(self.layers) <= 8:
+            raise VitcompressError("ResNet layers and widths must have the same length, 1 to 8")
+        checks = [("img_size", self.img_size, 8192), ("in_chans", self.in_chans, 64),
+                  ("num_classes", self.num_classes, 100_000)]  # fmt: skip
+        checks += [("layers", n, 64) for n in self.layers]
+        checks += [("widths", w, 8192) for w in self.widths]
+        for k, v, most in checks:  # a config.json must not ask for gigabytes (ViTConfig too)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
+                raise VitcompressError(f"ResNet {k} must be integers in [1, {most:,}], got {v!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -54,6 +54,14 @@ def make_act(name: str) -> nn.Module:
     return _ACTS[name]()
 
 
+# Far above any ViT in use (ViT-22B: width 6144, depth 48, 48 heads), far below what a careless
+# or hostile config.json could ask for.
+SIZE_LIMITS = {
+    "img_size": 8192, "patch_size": 1024, "in_chans": 64, "num_classes": 100_000,
+    "embed_dim": 16384, "depth": 256, "num_heads": 1024,
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     """The numbers of a ViT (plain data: a run's config.json stores them as they are).
@@ -89,6 +97,15 @@ class ViTConfig:
     dist_head: bool = True
 
     def __post_init__(self) -> None:
+        # A config.json describes the model before its weights are read: sizes far past any ViT
+        # are refused here, so that a few bytes of JSON cannot ask for gigabytes.
+        for k, most in SIZE_LIMITS.items():
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
+                raise VitcompressError(f"{k} must be an integer in [1, {most:,}], got {v!r}")
+        r = self.mlp_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 64:
+            raise VitcompressError(f"mlp_ratio must be a number in (0, 64], got {r!r}")
         for k in ("distilled", "qkv_bias", "dist_head"):
             if not isinstance(getattr(self, k), bool):
                 raise VitcompressError(f"{k} must be true or false, got {getattr(self, k)!r}")
@@ -100,10 +117,11 @@ class ViTConfig:
         if self.mlp_hidden is not None and (
             isinstance(self.mlp_hidden, bool)
             or not isinstance(self.mlp_hidden, int)
-            or self.mlp_hidden < 1
+            or not 1 <= self.mlp_hidden <= 4 * SIZE_LIMITS["embed_dim"]
         ):
             raise VitcompressError(
-                f"mlp_hidden must be an integer >= 1 or null, got {self.mlp_hidden!r}"
+                f"mlp_hidden must be an integer in [1, {4 * SIZE_LIMITS['embed_dim']:,}] or "
+                f"null, got {self.mlp_hidden!r}"
             )
         if not self.dist_head and not self.distilled:
             raise VitcompressError(
@@ -117,9 +135,6 @@ class ViTConfig:
             raise VitcompressError(
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
             )
-        for k in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth"):
-            if getattr(self, k) < 1:
-                raise VitcompressError(f"{k} must be >= 1, got {getattr(self, k)}")
 
     @property
     def mlp_width(self) -> int:
