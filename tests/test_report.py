@@ -49,6 +49,7 @@ def _row(i: int, model: str, name: str, steps: list, top1: float, nbytes: int, *
         "bytes_stored": nbytes,
         "bytes_fp32": 4 * 139_018,
         "latency_ms_b1": 1.0 + nbytes / 2e5,
+        "bops": nbytes * 2.5e4,
         "latency_ms_b1_p90": 1.2 + nbytes / 2e5,
         "throughput_b32": 3000.0,
         "runtime": "torch-fp32",
@@ -130,7 +131,8 @@ def _png_size(path) -> tuple[int, int]:
 
 def test_every_plot_is_a_real_png(report):
     out, _ = report
-    names = ("formats", "sparsity", "combinations", "study_b", "pareto_size", "pareto_latency")
+    names = ("formats", "sparsity", "combinations", "study_b", "pareto_size", "pareto_latency",
+             "pareto_bops")  # fmt: skip
     for name in names:
         p = out / "plots" / f"{name}.png"
         assert p.is_file(), name
@@ -145,7 +147,7 @@ def test_html_is_self_contained_and_lists_every_run(report):
     text = html_path.read_text()
     for r in _rows():
         assert r["id"] in text
-    assert len(re.findall(r"src='data:image/png;base64,", text)) == 6
+    assert len(re.findall(r"src='data:image/png;base64,", text)) == 7
     assert "http://" not in text and "https://" not in text  # nothing fetched: opens from disk
     assert "<script src" not in text and "function sortBy" in text
     assert "&lt;script&gt;" in text  # error text is escaped

@@ -171,6 +171,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cost(args: argparse.Namespace) -> int:
+    from vitcompress.cost import cost_report, format_cost
+    from vitcompress.export import input_shape_of
+    from vitcompress.runs import load_run
+
+    model, config = load_run(Path(args.checkpoint))
+    report = cost_report(model, input_shape_of(config), config)
+    print(dumps_strict(report) if args.json else format_cost(report))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from vitcompress.export import export_cli
 
@@ -362,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speed", action="store_true", help="skip latency/throughput measurement")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compress)
+
+    p = _command(
+        sub, "cost",
+        help="per layer and in total: MACs, BOPs, weight bits stored, activation memory",
+    )  # fmt: skip
+    p.add_argument("--checkpoint", required=True, help="run directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cost)
 
     p = _command(sub, "export", help="export a run as ONNX or as a packed checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory")

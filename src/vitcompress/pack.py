@@ -407,6 +407,22 @@ def _check_rebuildable(model: nn.Module, config: dict) -> None:
 
 
 def _serialize(model: nn.Module, config: dict) -> bytes:
+    return _container(*_encode(model, config))
+
+
+def stored_bytes_by_tensor(model: nn.Module, config: dict | None = None) -> dict[str, int]:
+    """The bytes each state-dict tensor takes in the packed file (its blobs: codes, scales,
+    bitmask or N:M positions; a weight derived from its codes takes none, its codes do)."""
+    _, blobs = _encode(model, config or {})
+    out: dict[str, int] = {}
+    for name, blob in blobs.items():
+        key = name.rpartition("#")[0].partition("::")[0]
+        out[key] = out.get(key, 0) + blob.numel() * blob.element_size()
+    return out
+
+
+def _encode(model: nn.Module, config: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The packed file's header and blobs for ``model``."""
     for name, m in model.named_modules():
         if getattr(m, "execution_only", False):
             raise VitcompressError(
@@ -468,7 +484,7 @@ def _serialize(model: nn.Module, config: dict) -> bytes:
         "derived": derived,
         "mask_of": mask_of,
     }
-    return _container(header, blobs)
+    return header, blobs
 
 
 def _container(header: dict, blobs: dict[str, torch.Tensor]) -> bytes:
@@ -625,6 +641,7 @@ __all__ = [
     "load_packed",
     "pack_bits",
     "save_packed",
+    "stored_bytes_by_tensor",
     "unpack_bits",
     "with_model_config",
 ]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitcompress.cost import model_cost
 from vitcompress.errors import VitcompressError
 from vitcompress.fileio import read_json
 from vitcompress.measure import compression_fields, params_nonzero, params_total, speed_fields
@@ -448,6 +449,7 @@ def _compress_into(
     }
     shape = (config["model"]["in_chans"], config["model"]["img_size"], config["model"]["img_size"])
     metrics.update(compression_fields(model, dense, recipe, reports, config))
+    metrics.update(model_cost(model, shape, config))
     if speed:
         metrics.update(speed_fields(model, recipe, shape))
     metrics.update(

@@ -28,6 +28,7 @@ RESULT_FIELDS = (
     "top1", "top5", "loss", "params_total", "params_nonzero", "bytes_stored", "bytes_fp32",
     "latency_ms_b1", "latency_ms_b1_p90", "throughput_b32", "runtime", "format", "activations",
     "sparsity", "sparsity_target", "pattern", "rank_ratio", "recipe_hash", "seed", "wall_s",
+    "macs", "macs_nonzero", "bops", "bops_nonzero", "weight_bits", "peak_act_bytes",
 )  # fmt: skip
 ROW_FIELDS = (
     "id", "study", "model", "family", "size", "preset", "data", "recipe", "status", "error",
@@ -40,7 +41,8 @@ TEXT_FIELDS = frozenset({
     "recipe_hash", "config", "metrics", "traceback",
 })  # fmt: skip
 INT_FIELDS = frozenset({"params_total", "params_nonzero", "bytes_stored", "bytes_fp32", "seed",
-                        "base_params"})  # fmt: skip
+                        "base_params", "macs", "macs_nonzero", "bops", "bops_nonzero",
+                        "weight_bits", "peak_act_bytes"})  # fmt: skip
 JSON_FIELDS = ("config", "metrics")  # stored as JSON text, decoded when read
 
 # Size bands by bytes as stored: factors of 4 from 64 KiB, so nano/micro models spread over a few.
