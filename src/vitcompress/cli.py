@@ -171,6 +171,30 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from vitcompress.workflows import allocate_run
+
+    res = allocate_run(
+        Path(args.checkpoint), args.budget, Path(args.out), metric=args.metric,
+        layers=args.layers.split(",") if args.layers else "*", rest=args.rest,
+        batches=args.batches, data=args.data, limit=args.limit,
+    )  # fmt: skip
+    if args.json:
+        print(dumps_strict(res))
+        return 0
+    for layer, cand in res["assignment"].items():
+        print(f"  {layer:<28} {cand}")
+    unit = "bytes" if res["metric"] == "bytes" else "BOPs"
+    print(
+        f"predicted {res['predicted']:,.0f} {unit} for a budget of {res['budget']:,.0f} "
+        f"(dense fp32 {res['dense']:,.0f}: {res['dense'] / res['predicted']:.2f}x), summed "
+        f"damage {res['damage']:.4f} nats/image"
+    )
+    print(f"recipe: {res['recipe']}  (vitcompress compress --checkpoint {args.checkpoint} "
+          f"--recipe {res['recipe']} --out RUN)")  # fmt: skip
+    return 0
+
+
 def cmd_cost(args: argparse.Namespace) -> int:
     from vitcompress.cost import cost_report, format_cost
     from vitcompress.export import input_shape_of
@@ -373,6 +397,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speed", action="store_true", help="skip latency/throughput measurement")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compress)
+
+    p = _command(
+        sub, "allocate",
+        help="choose per-layer formats / sparsity under a size or BOPs budget, as a recipe",
+        description="Measure how much each layer suffers from each candidate setting (alone, "
+        "KL divergence from the dense model on calibration images), then choose the per-layer "
+        "assignment with the least summed damage that fits the budget; write it as a recipe.",
+    )  # fmt: skip
+    p.add_argument("--checkpoint", required=True, help="run directory of a dense model")
+    p.add_argument("--budget", required=True, help="8x (vs dense fp32), 150KB, 1.2MB, 2.5G (BOPs)")
+    p.add_argument("--metric", choices=["bytes", "bops"], default="bytes")
+    p.add_argument("--layers", help="comma-separated layer patterns to allocate (default: all)")
+    p.add_argument("--rest", default="int8", help="precision of the other parameters")
+    p.add_argument("--batches", type=int, default=4, help="calibration batches of 64 images")
+    p.add_argument("--data", help="data spec (default: the run's own)")
+    p.add_argument("--limit", type=int, help="use only the first N images of each split")
+    p.add_argument("--out", required=True, help="recipe file to write (YAML)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_allocate)
 
     p = _command(
         sub, "cost",

@@ -36,7 +36,13 @@ from vitcompress.runs import (
     save_train_state,
     versions,
 )
-from vitcompress.steps.recipe import Recipe, apply_recipe, as_recipe, check_recipe_names
+from vitcompress.steps.recipe import (
+    Recipe,
+    apply_recipe,
+    as_recipe,
+    check_recipe_names,
+    parse_recipe,
+)
 from vitcompress.steps.registry import StepContext, describe_structure
 from vitcompress.train import TrainConfig, evaluate, pick_device, train
 
@@ -607,3 +613,47 @@ def _import_into(
         config["data"] = {**data_cfg, "augment": True, "classes": list(info.classes)}
     save_run(out, model, config, metrics)
     return metrics
+
+
+def allocate_run(
+    checkpoint: Path,
+    budget: str,
+    out: Path,
+    *,
+    metric: str = "bytes",
+    layers: str | list[str] = "*",
+    rest: str = "int8",
+    batches: int = 4,
+    data: str | None = None,
+    limit: int | None = None,
+) -> dict:
+    """Choose per-layer settings of a dense run that fit ``budget`` (``vitcompress.allocate``)
+    and write them as recipe ``out`` (YAML); returns the allocation as plain data."""
+    import yaml
+
+    from vitcompress.allocate import allocate, allocation_recipe
+    from vitcompress.data import make_loader
+    from vitcompress.export import input_shape_of
+    from vitcompress.fileio import atomic_write_bytes
+    from vitcompress.outputs import check_output_file
+
+    out = Path(out)
+    check_output_file(out)
+    model, config = load_run(checkpoint)
+    if config.get("compression"):
+        raise VitcompressError(f"{checkpoint} is already compressed; allocate on a dense run")
+    data_cfg = run_data(config, Path(checkpoint), data, limit)
+    train_ds, _, _ = datasets(data_cfg, augment=False)
+    calib = make_loader(train_ds, 64, shuffle=True, seed=data_cfg.get("seed", 0) + 1)
+    alloc = allocate(model, calib, config, input_shape_of(config), budget, metric,
+                     layers=layers, batches=batches, rest=rest)  # fmt: skip
+    recipe = allocation_recipe(alloc, f"alloc-{metric}-{budget}")
+    parse_recipe(recipe)  # what is written must be a recipe compress takes
+    with output_lock(out):
+        text = yaml.safe_dump(recipe, sort_keys=False, width=100)
+        atomic_write_bytes(out, f"# vitcompress allocate {budget} ({metric})\n{text}".encode())
+    return {
+        "metric": alloc.metric, "budget": alloc.budget, "dense": alloc.dense_cost,
+        "predicted": alloc.predicted_cost, "damage": alloc.predicted_damage,
+        "assignment": alloc.assignment, "recipe": str(out),
+    }  # fmt: skip

@@ -197,7 +197,9 @@ class LowRankStep(Step):
     def rebuild(self, model: nn.Module, record: dict) -> None:
         restore_lowrank_(model, record["ranks"])
 
-    def result_fields(self, model: nn.Module, config: LowRankConfig, report: dict | None) -> dict:
+    def result_fields(
+        self, model: nn.Module, config: LowRankConfig, report: dict | None, so_far: dict
+    ) -> dict:
         ratio = config.rank_ratio
         if ratio is None:  # ranks by energy or budget: the mean kept fraction of the full rank
             ranks = [

@@ -269,7 +269,9 @@ class PruneStep(Step):
             masks[name] = torch.ones_like(w, dtype=torch.bool)
         apply_masks_(model, masks)
 
-    def result_fields(self, model: nn.Module, config: PruneConfig, report: dict | None) -> dict:
+    def result_fields(
+        self, model: nn.Module, config: PruneConfig, report: dict | None, so_far: dict
+    ) -> dict:
         layers = (report or {}).get("sparsity", {})
         return {
             "pattern": config.pattern,

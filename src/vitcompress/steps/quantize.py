@@ -377,8 +377,14 @@ class QuantizeStep(Step):
         else:
             rebuild_quantized_(model, record)
 
-    def result_fields(self, model: nn.Module, config: QuantizeConfig, report: dict | None) -> dict:
-        return {"format": config.weights, "activations": config.activations}
+    def result_fields(
+        self, model: nn.Module, config: QuantizeConfig, report: dict | None, so_far: dict
+    ) -> dict:
+        fields = {"format": config.weights, "activations": config.activations}
+        for key, default in self.result_defaults.items():  # layers in several formats
+            if so_far.get(key, default) not in (default, fields[key]):
+                fields[key] = "mixed"
+        return fields
 
     def runtime(self, model: nn.Module, config: QuantizeConfig) -> tuple | None:
         """INT8 weights with INT8 activations run real integer GEMMs; bf16/fp16 run in that

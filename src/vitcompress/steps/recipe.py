@@ -124,7 +124,7 @@ def _check_order(steps: list[RecipeStep], source: str) -> None:
                 f"{source}: step {i + 1}: {s.kind} changes the layers' shapes, so it must come "
                 f"before {before[0]} (put it first)"
             )
-        if s.impl.last and i + 1 < len(steps):
+        if s.impl.last and i + 1 < len(steps) and kinds[i + 1] != s.kind:
             raise VitcompressError(
                 f"{source}: step {i + 2} ({kinds[i + 1]}) comes after {s.kind}; {s.kind} must "
                 "be the last step"
@@ -237,7 +237,7 @@ def result_fields(model: nn.Module, recipe: Recipe, reports: list[dict]) -> dict
     by_index = {r["step"] - 1: r for r in reports}
     out = result_defaults()
     for i, step in enumerate(recipe.steps):
-        out.update(step.impl.result_fields(model, step.config, by_index.get(i)))
+        out.update(step.impl.result_fields(model, step.config, by_index.get(i), dict(out)))
     return out
 
 

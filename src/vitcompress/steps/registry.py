@@ -67,7 +67,8 @@ class Step:
         config_cls: the frozen config dataclass a recipe's options build (unknown keys refused).
         must_precede: step kinds that may not come before this one (shrink changes shapes, so
             prune, lowrank and quantize must follow it).
-        last: no step may follow this one (quantize: no quantization-aware training).
+        last: only steps of its own kind may follow it (quantize: no quantization-aware
+            training; several quantize steps give different layers different formats).
         result_defaults: the result fields this step owns, with their value when no step of
             this kind ran.
     """
@@ -117,7 +118,9 @@ class Step:
         """Give a freshly built dense model the structure :meth:`describe` recorded."""
 
     # --- results -----------------------------------------------------------------------------
-    def result_fields(self, model: nn.Module, config: Any, report: dict | None) -> dict:
+    def result_fields(
+        self, model: nn.Module, config: Any, report: dict | None, so_far: dict
+    ) -> dict:
         """Result fields after the whole recipe ran (``report``: what this step reported)."""
         return {}
 

@@ -344,7 +344,9 @@ class ShrinkStep(Step):
     def rebuild(self, model: nn.Module, record: dict) -> None:
         restore_shrink_(model, record["structure"])
 
-    def result_fields(self, model: nn.Module, config: ShrinkConfig, report: dict | None) -> dict:
+    def result_fields(
+        self, model: nn.Module, config: ShrinkConfig, report: dict | None, so_far: dict
+    ) -> dict:
         return {"pattern": "structured"}  # heads and neurons removed: fewer parameters, no zeros
 
 
