@@ -178,6 +178,21 @@ def fresh_partial(out: Path) -> Path:
     return partial
 
 
+@contextlib.contextmanager
+def building(out: Path, keep_resumable: bool = False) -> Iterator[Path]:
+    """A fresh ``<out>.partial`` to build the run in, moved to ``out`` when the block ends
+    without an error; on an error it is removed, unless ``keep_resumable`` and it holds a
+    training that ``--resume`` can continue."""
+    partial = fresh_partial(out)
+    try:
+        yield partial
+    except BaseException:
+        if not (keep_resumable and (partial / "train_state.pt").is_file()):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    commit_dir(partial, out)
+
+
 def commit_dir(partial: Path, out: Path) -> None:
     """Move the complete run ``partial`` to ``out``, replacing what was there only now."""
     out = Path(out)
@@ -194,6 +209,7 @@ __all__ = [
     "PARTIAL",
     "check_output_dir",
     "check_output_file",
+    "building",
     "check_writable_place",
     "commit_dir",
     "fresh_partial",

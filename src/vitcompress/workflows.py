@@ -20,9 +20,9 @@ from vitcompress.models import build_model, model_config
 from vitcompress.models.imported import ImportedModel
 from vitcompress.models.transfer import adapt_model
 from vitcompress.outputs import (
+    building,
     check_output_dir,
     commit_dir,
-    fresh_partial,
     output_lock,
     partial_dir,
 )
@@ -155,12 +155,16 @@ def train_run(
         cfg = replace(cfg, distill="hard")
     check_output_dir(out, force=force, inputs=[teacher, init_from], resume=resume)
     with output_lock(out):
-        work = interrupted_dir(out) if resume else fresh_partial(out)
-        metrics = _train_in(work, model, data, cfg, teacher, init_from, channels, limit, resume,
-                            device)  # fmt: skip
-        if work != out:
-            commit_dir(work, out)
-    return metrics
+        if resume:
+            work = interrupted_dir(out)
+            metrics = _train_in(work, model, data, cfg, teacher, init_from, channels, limit,
+                                True, device)  # fmt: skip
+            if work != out:
+                commit_dir(work, out)
+            return metrics
+        with building(out, keep_resumable=True) as work:
+            return _train_in(work, model, data, cfg, teacher, init_from, channels, limit, False,
+                             device)  # fmt: skip
 
 
 def _train_in(
@@ -396,12 +400,9 @@ def compress_run(
             f"{checkpoint} is already compressed; apply recipes to a dense trained run"
         )
     check_recipe_names(recipe, model)
-    with output_lock(out):
-        partial = fresh_partial(out)
-        metrics = _compress_into(partial, checkpoint, model, base_cfg, recipe, data, limit,
-                                 device, speed, t0)  # fmt: skip
-        commit_dir(partial, out)
-    return metrics
+    with output_lock(out), building(out) as partial:
+        return _compress_into(partial, checkpoint, model, base_cfg, recipe, data, limit, device,
+                              speed, t0)  # fmt: skip
 
 
 def _compress_into(
@@ -579,11 +580,8 @@ def import_run(
     """
     out = Path(out)
     check_output_dir(out, force=force, inputs=[Path(source)])
-    with output_lock(out):
-        partial = fresh_partial(out)
-        metrics = _import_into(partial, source, preset, data, limit, device, overrides)
-        commit_dir(partial, out)
-    return metrics
+    with output_lock(out), building(out) as partial:
+        return _import_into(partial, source, preset, data, limit, device, overrides)
 
 
 def _import_into(
