@@ -85,7 +85,7 @@ def test_sparsegpt_output_error_is_below_magnitude_pruning(sparsity, nm):
     got = sparsegpt_prune(w, hessian(x), sparsity, nm)
     mag = w * (magnitude_mask(w, sparsity) if nm is None else nm_mask(w, *nm))
     ratio = output_error(x, w, got.weight) / output_error(x, w, mag)
-    assert ratio < 0.6, ratio  # about 0.49 (50 %) and 0.37 (2:4) on these inputs
+    assert ratio < 0.6, ratio  # about 0.23 (50 %) and 0.39 (2:4) on these inputs
 
 
 @pytest.mark.parametrize("shape", [(37, 50), (16, 128), (5, 3, 2, 2)])
