@@ -196,3 +196,14 @@ def test_calibrated_methods_without_calibration_data_are_refused_before_any_work
     with pytest.raises(VitcompressError, match="'sparsegpt' needs calibration data"):
         prune_(m, PruneConfig(sparsity=0.5, method="sparsegpt"))
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_gptq_with_static_activations_reads_a_one_shot_iterator_once(dense):
+    m = copy.deepcopy(dense)
+    config = QuantizeConfig(weights="int4", activations="int8", algorithm="gptq")
+    quantize_(m, config, iter(CALIB))  # Hessians and activation ranges from the same batches
+    ref = copy.deepcopy(dense)
+    quantize_(ref, config, CALIB)
+    x = _images(4, 9)
+    with torch.no_grad():
+        assert torch.equal(m(x), ref(x))

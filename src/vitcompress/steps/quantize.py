@@ -10,6 +10,7 @@ the raw image and is a small share of the compute.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, NoReturn
@@ -280,6 +281,8 @@ def quantize_(
             )
     scale_dtype = PARAM_PRECISIONS[config.scales]
     if gptq:
+        # the same batches for the Hessians and the activation ranges, from any iterable
+        calib_data = list(itertools.islice(calib_data, cal.batches))
         _gptq_(model, dict(layers), config, calib_data)
     for name, linear in layers:
         aq = act(afmt) if afmt is not None else None
