@@ -21,7 +21,8 @@ is what step 2 relies on. Chosen layers outside the blocks are compressed in a p
 own: those that run before ``blocks[0]`` first (the capture is then repeated), those after the
 last block (the classifier heads) on a full pass through the compressed model. Any other model
 (no ``blocks``, or a ModuleList whose ``forward`` might do anything between blocks) gets one
-pass over all its chosen layers, then every layer is compressed.
+pass over all its chosen layers, then every layer is compressed (all their Hessians at once,
+each measured on the model before any compression).
 
 The calibration batches are read once (at most ``max_batches``) and kept, inputs only, so that
 any iterable works, a one-shot generator included; the inputs of the current block are kept
