@@ -308,9 +308,18 @@ class QuantLinear(nn.Module):
         group_size: int = 128,
         input_quant: ActivationQuantizer | None = None,
         scale_dtype: torch.dtype = torch.float32,
+        *,
+        weight: torch.Tensor | None = None,
+        qparams: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     ) -> QuantLinear:
-        """Quantise ``linear``'s weight (min/max scales, rounded to ``scale_dtype``)."""
-        w = linear.weight.detach().float()  # (out, in)
+        """Quantise ``linear``'s weight (min/max scales, rounded to ``scale_dtype``).
+
+        ``weight`` and ``qparams`` (scale, zero point, in this layer's shapes) replace the
+        linear's weight and the min/max qparams: a weight another algorithm (GPTQ) already put
+        on the grid is stored by the same arithmetic as round-to-nearest's, so that ``weight``
+        equals the dequantised codes bit for bit.
+        """
+        w = (linear.weight if weight is None else weight).detach().float()  # (out, in)
         q = cls(
             linear.in_features,
             linear.out_features,
@@ -329,8 +338,11 @@ class QuantLinear(nn.Module):
                 if q.qweight is not None:
                     q.qweight.copy_(w.to(q.qweight.dtype))
                 return q
-            scale, zp = compute_qparams(w, fmt, q.granularity, q.group_size, axis=0)
-            scale = round_scale(scale, scale_dtype)
+            if qparams is None:
+                scale, zp = compute_qparams(w, fmt, q.granularity, q.group_size, axis=0)
+                scale = round_scale(scale, scale_dtype)
+            else:
+                scale, zp = qparams
             q.weight_scale.copy_(scale)
             s = expand_qparams(scale, w.shape, q.granularity, q.group_size)
             if isinstance(fmt, IntFormat):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitcompress.errors import VitcompressError
@@ -65,6 +66,21 @@ def run_calibration(model: nn.Module, calib_data: Iterable, max_batches: int | N
     return seen
 
 
+def input_rows(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as the rows its weight multiplies, ``(tokens, features)``: a Linear's
+    tokens flattened over every leading dim, a Conv2d's unfolded patches (``in*kh*kw``
+    features, in the memory order of its weight)."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or isinstance(module.padding, str):
+            raise VitcompressError(
+                f"{name}: calibrated pruning supports Conv2d with groups=1 and numeric padding only"
+            )
+        x = F.unfold(
+            x, module.kernel_size, module.dilation, module.padding, module.stride
+        ).transpose(1, 2)  # (B, L, C*kh*kw)
+    return x.reshape(-1, x.shape[-1])  # (tokens, features)
+
+
 def observe_inputs(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -100,4 +116,11 @@ def observe_inputs(
         )
 
 
-__all__ = ["forward_batch", "model_device", "model_inputs", "observe_inputs", "run_calibration"]
+__all__ = [
+    "forward_batch",
+    "input_rows",
+    "model_device",
+    "model_inputs",
+    "observe_inputs",
+    "run_calibration",
+]

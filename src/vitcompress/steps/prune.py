@@ -1,21 +1,24 @@
-"""The ``prune`` step: unstructured (per layer or global) and N:M sparsity, by magnitude or
-Wanda, one shot or on the cubic schedule during the fine-tune that follows.
+"""The ``prune`` step: unstructured (per layer or global) and N:M sparsity, by magnitude,
+Wanda or SparseGPT, one shot or (magnitude) on the cubic schedule during the fine-tune that
+follows.
 
-The mask maths lives in :mod:`vitcompress.sparsity`; this module holds the config, the verb
-:func:`prune_` and the step that records which layers carry masks.
+The mask maths lives in :mod:`vitcompress.sparsity` and :mod:`vitcompress.sparsegpt`; this
+module holds the config, the verb :func:`prune_` and the step that records which layers carry
+masks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitcompress.config import as_patterns, check_int
 from vitcompress.errors import VitcompressError
+from vitcompress.obs import check_options
+from vitcompress.sparsegpt import sparsegpt_prune
 from vitcompress.sparsity import (
     MASK,
     PRUNABLE_TYPES,
@@ -28,9 +31,15 @@ from vitcompress.sparsity import (
     parse_pattern,
     select_prunable,
 )
-from vitcompress.steps.calib import observe_inputs
-from vitcompress.steps.registry import Step, StepContext
+from vitcompress.steps.calib import input_rows, observe_inputs
+from vitcompress.steps.hessian import compress_sequentially_
+from vitcompress.steps.registry import Step, StepContext, plain
 from vitcompress.targets import Patterns, select_modules
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+# PruneConfig fields that only SparseGPT reads: left out of a recipe's hash for the other
+# methods, so that the hashes of recipes written before SparseGPT existed do not change
+SPARSEGPT_FIELDS = ("damp", "block_size", "calib_batches")
 
 
 @dataclass(frozen=True)
@@ -52,13 +61,20 @@ class PruneConfig:
         n_steps: ``n``, the number of pruning intervals of the cubic schedule; None lets the
             fine-tune that follows set the schedule (:meth:`over`).
         frequency: ``dt``, optimizer steps between two pruning steps.
-        method: ``"magnitude"`` (smallest ``|w|``) or ``"wanda"`` (smallest ``|w| * ||x||`` per
-            output row, one shot, needs calibration data).
+        method: ``"magnitude"`` (smallest ``|w|``), ``"wanda"`` (smallest ``|w| * ||x||`` per
+            output row, one shot, needs calibration data) or ``"sparsegpt"``
+            (:mod:`vitcompress.sparsegpt`: one shot, needs calibration data; the kept weights
+            are updated to make up for the pruned ones, the Hessian of each layer's inputs
+            measured block by block, :mod:`vitcompress.steps.hessian`). Every layer ends with
+            exactly ``round(sparsity * numel)`` zeros, or exactly N of every M kept.
         targets: module name patterns (globs or ``re:``). The default ``"blocks.*"`` selects
             every Linear inside the encoder blocks (qkv, proj, fc1, fc2) and leaves the patch
             embedding and the classifier heads dense, as sparsity studies usually do. Conv2d
             layers can be selected by name too (``patch_embed.proj``).
         ignore: name patterns to leave out.
+        damp: SparseGPT's dampening of the Hessian, relative to its mean diagonal (> 0).
+        block_size: SparseGPT's columns per block (its masks are chosen per block; >= 1).
+        calib_batches: the calibration batches SparseGPT reads (Wanda reads them all).
     """
 
     sparsity: float | None = None
@@ -72,6 +88,9 @@ class PruneConfig:
     method: str = "magnitude"
     targets: Patterns = "blocks.*"
     ignore: Patterns = None
+    damp: float = 0.01
+    block_size: int = 128
+    calib_batches: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", as_patterns(self.targets, "prune.targets"))
@@ -96,10 +115,19 @@ class PruneConfig:
             raise VitcompressError(
                 f"prune.schedule must be 'oneshot' or 'cubic', got {self.schedule!r}"
             )
-        if self.method not in ("magnitude", "wanda"):
+        if self.method not in METHODS:
             raise VitcompressError(
-                f"prune.method must be 'magnitude' or 'wanda', got {self.method!r}"
+                f"prune.method must be 'magnitude', 'wanda' or 'sparsegpt', got {self.method!r}"
             )
+        check_options(self.damp, self.block_size, "prune")
+        check_int(self.calib_batches, "prune.calib_batches", 1)
+        if self.method != "sparsegpt":
+            set_ = [k for k in SPARSEGPT_FIELDS if getattr(self, k) != _SPARSEGPT_DEFAULTS[k]]
+            if set_:
+                raise VitcompressError(
+                    f"prune.{set_[0]} only applies to method 'sparsegpt'; add method: sparsegpt "
+                    "or drop it"
+                )
         if nm is not None and self.scope == "global":
             raise VitcompressError(
                 f"prune.scope 'global' does not apply to pattern {self.pattern!r}: N:M keeps N "
@@ -109,8 +137,14 @@ class PruneConfig:
             raise VitcompressError(
                 "prune.method 'wanda' compares weights within each output row; use scope 'layer'"
             )
-        if self.method == "wanda" and self.schedule != "oneshot":
-            raise VitcompressError("prune.method 'wanda' prunes one shot; use schedule 'oneshot'")
+        if self.method == "sparsegpt" and self.scope == "global":
+            raise VitcompressError(
+                "prune.method 'sparsegpt' prunes each layer by its own inputs; use scope 'layer'"
+            )
+        if self.method in ("wanda", "sparsegpt") and self.schedule != "oneshot":
+            raise VitcompressError(
+                f"prune.method {self.method!r} prunes one shot; use schedule 'oneshot'"
+            )
         if nm is not None and self.schedule != "oneshot":
             raise VitcompressError(
                 f"prune.pattern {self.pattern!r} is applied one shot (then fine-tuned); use "
@@ -172,6 +206,9 @@ class PruneConfig:
         return self.target_sparsity if step >= self.start_step else 0.0
 
 
+_SPARSEGPT_DEFAULTS = {f.name: f.default for f in fields(PruneConfig) if f.name in SPARSEGPT_FIELDS}
+
+
 def activation_norms(
     model: nn.Module, layers: Mapping[str, nn.Module], calib_data: Iterable
 ) -> dict[str, torch.Tensor]:
@@ -184,15 +221,7 @@ def activation_norms(
     sums: dict[str, torch.Tensor] = {}
 
     def observe(name: str, module: nn.Module, x: torch.Tensor) -> None:
-        if isinstance(module, nn.Conv2d):
-            if module.groups != 1 or isinstance(module.padding, str):
-                raise VitcompressError(
-                    f"{name}: wanda supports Conv2d with groups=1 and numeric padding only"
-                )
-            x = F.unfold(
-                x, module.kernel_size, module.dilation, module.padding, module.stride
-            ).transpose(1, 2)  # (B, L, C*kh*kw)
-        x = x.reshape(-1, x.shape[-1]).double()  # (tokens, in)
+        x = input_rows(name, module, x).double()  # (tokens, in)
         sq = (x * x).sum(0)  # (in,)
         sums[name] = sq if name not in sums else sums[name] + sq
 
@@ -205,19 +234,43 @@ def prune_(model: nn.Module, config: PruneConfig, calib_data: Iterable | None = 
 
     Masks become ``weight_mask`` buffers and the pruned weights exact zeros. Layers that already
     carry a mask are pruned monotonically (their pruned weights stay pruned). ``calib_data`` (an
-    iterable of input batches or ``(inputs, labels)`` pairs) is needed by ``method="wanda"``.
+    iterable of input batches or ``(inputs, labels)`` pairs) is needed by ``method="wanda"`` and
+    ``method="sparsegpt"`` (which also changes the weights it keeps).
     """
     if config.schedule != "oneshot":
         raise VitcompressError(
             "prune.schedule 'cubic' prunes during fine-tuning: use GradualPruner(model, config)"
         )
     layers = select_prunable(model, config)
+    if config.method in ("wanda", "sparsegpt") and calib_data is None:
+        raise VitcompressError(
+            f"prune.method {config.method!r} needs calibration data (calib_data)"
+        )
+    if config.method == "sparsegpt":
+        _sparsegpt_(model, layers, config, calib_data)
+        return
     norms = None
     if config.method == "wanda":
-        if calib_data is None:
-            raise VitcompressError("prune.method 'wanda' needs calibration data (calib_data)")
         norms = activation_norms(model, layers, calib_data)
     apply_masks_(model, compute_masks(layers, config, config.target_sparsity, norms))
+
+
+def _sparsegpt_(
+    model: nn.Module, layers: dict[str, nn.Module], config: PruneConfig, calib_data: Iterable
+) -> None:
+    nm = config.nm
+    sparsity = None if nm is not None else config.target_sparsity
+
+    def compress(name: str, module: nn.Module, h: torch.Tensor) -> None:
+        res = sparsegpt_prune(
+            module.weight.detach(), h, sparsity, nm, mask=module._buffers.get(MASK),
+            damp=config.damp, block_size=config.block_size, name=name,
+        )  # fmt: skip
+        with torch.no_grad():
+            module.weight.copy_(res.weight)
+        apply_masks_(model, {name: res.mask})
+
+    compress_sequentially_(model, layers, calib_data, compress, config.calib_batches)
 
 
 def zero_fraction(model: nn.Module, layers: Iterable[str]) -> float:
@@ -242,8 +295,16 @@ class PruneStep(Step):
             return "a cubic prune happens during fine-tuning; follow it with a finetune step"
         return None
 
+    def to_dict(self, config: PruneConfig) -> dict:
+        """Defaults filled in; SparseGPT's options only for it (older hashes stay)."""
+        d = plain(config)
+        if config.method != "sparsegpt":
+            for key in SPARSEGPT_FIELDS:
+                del d[key]
+        return d
+
     def needs_calibration(self, config: PruneConfig) -> bool:
-        return config.method == "wanda"
+        return config.method in ("wanda", "sparsegpt")
 
     def check_layers(self, shadow: nn.Module, config: PruneConfig, what: str) -> None:
         select_modules(shadow, config.targets, config.ignore, PRUNABLE_TYPES, what)
@@ -282,4 +343,12 @@ class PruneStep(Step):
 
 STEP = PruneStep()
 
-__all__ = ["PruneConfig", "STEP", "activation_norms", "prune_", "zero_fraction"]
+__all__ = [
+    "METHODS",
+    "PruneConfig",
+    "SPARSEGPT_FIELDS",
+    "STEP",
+    "activation_norms",
+    "prune_",
+    "zero_fraction",
+]

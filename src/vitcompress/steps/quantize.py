@@ -10,8 +10,9 @@ the raw image and is a small share of the compute.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, NoReturn
 
 import torch
@@ -20,8 +21,10 @@ from torch import nn
 from vitcompress.config import as_patterns, build_config
 from vitcompress.errors import VitcompressError
 from vitcompress.formats import GRANULARITIES, FloatFormat, Format, IntFormat, get_format
+from vitcompress.gptq import gptq_quantize
 from vitcompress.int8 import Int8Linear, to_int8_
 from vitcompress.models.vit import MatMul
+from vitcompress.obs import check_options
 from vitcompress.quantize import (
     PARAM_PRECISIONS,
     ActivationQuantizer,
@@ -32,7 +35,9 @@ from vitcompress.quantize import (
     rest_int_format,
     round_rest_,
 )
-from vitcompress.steps.registry import Step, StepContext
+from vitcompress.sparsity import MASK
+from vitcompress.steps.hessian import compress_sequentially_
+from vitcompress.steps.registry import Step, StepContext, plain
 from vitcompress.targets import (
     Patterns,
     get_submodule_parent,
@@ -42,6 +47,10 @@ from vitcompress.targets import (
 )
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+ALGORITHMS = ("rtn", "gptq")
+# QuantizeConfig fields that only GPTQ reads: left out of a recipe's hash under RTN, so that the
+# hashes of recipes written before GPTQ existed do not change
+GPTQ_FIELDS = ("algorithm", "damp", "act_order", "block_size")
 
 
 def _fail(cls: str, key: str, value: Any, want: str) -> NoReturn:
@@ -97,6 +106,14 @@ class QuantizeConfig:
             patch projection) for tensors of 2 or more dimensions and one per tensor for
             vectors; the packer finds the codes again and stores them in ``bits`` bits
             (:func:`fake_quant_slices`).
+        algorithm: how the weights are rounded: ``rtn`` (round to nearest, each weight on its
+            own) or ``gptq`` (:mod:`vitcompress.gptq`: column by column, each column's error
+            moved onto the columns after it, the Hessian of the layer's inputs measured block by
+            block on ``calibration.batches`` batches of calibration data,
+            :mod:`vitcompress.steps.hessian`). Same codes, scales and stored size either way.
+        damp: GPTQ's dampening of the Hessian, relative to its mean diagonal (> 0).
+        act_order: GPTQ quantises the inputs with the largest activations first.
+        block_size: GPTQ's columns per lazy batch update (speed only; >= 1).
     """
 
     weights: str = "int8"
@@ -111,6 +128,10 @@ class QuantizeConfig:
     ignore: Patterns = None
     scales: str = "fp32"
     rest: str = "fp32"
+    algorithm: str = "rtn"
+    damp: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
 
     def __post_init__(self) -> None:
         if self.scales not in PARAM_PRECISIONS:
@@ -133,9 +154,19 @@ class QuantizeConfig:
         gs = self.group_size
         if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1:
             _fail("quantize", "group_size", gs, "an integer >= 1, e.g. 128")
-        for key in ("symmetric", "dynamic"):
+        for key in ("symmetric", "dynamic", "act_order"):
             if not isinstance(getattr(self, key), bool):
                 _fail("quantize", key, getattr(self, key), "true or false")
+        if self.algorithm not in ALGORITHMS:
+            _fail("quantize", "algorithm", self.algorithm, f"one of {', '.join(ALGORITHMS)}")
+        check_options(self.damp, self.block_size, "quantize")
+        if self.algorithm != "gptq":
+            set_ = [k for k in GPTQ_FIELDS[1:] if getattr(self, k) != _GPTQ_DEFAULTS[k]]
+            if set_:
+                raise VitcompressError(
+                    f"quantize.{set_[0]} only applies to algorithm: gptq (this step rounds to "
+                    "nearest); add algorithm: gptq or drop it"
+                )
         cal = self.calibration
         if isinstance(cal, Mapping):
             cal = build_config(CalibrationConfig, cal, "quantize.calibration")
@@ -173,6 +204,9 @@ class QuantizeConfig:
         return self._fmt(self.attention_matmul, narrow=False)
 
 
+_GPTQ_DEFAULTS = {f.name: f.default for f in fields(QuantizeConfig) if f.name in GPTQ_FIELDS}
+
+
 def _matmuls(model: nn.Module, config: QuantizeConfig) -> list[tuple[str, nn.Module]]:
     def listed(n: str, patterns) -> bool:
         pats = [patterns] if isinstance(patterns, str) else list(patterns or [])
@@ -203,12 +237,14 @@ def quantize_(
 
     Args:
         calib_data: input batches (tensors, ``(x, y, ...)`` tuples, or dicts of keyword inputs)
-            for static activation ranges; at most ``config.calibration.batches`` are used.
+            for static activation ranges and GPTQ's Hessians; at most
+            ``config.calibration.batches`` are used.
         calibrate: False only builds the quantised structure, e.g. before loading the state dict
-            of a model that was calibrated earlier.
+            of a model that was calibrated earlier (GPTQ is then not run: the weights to load
+            hold its values).
 
     Raises:
-        VitcompressError: a pattern that matches nothing, static activations without
+        VitcompressError: a pattern that matches nothing, static activations or GPTQ without
             ``calib_data``, attention quantization on a model without MatMul modules; all before
             the model is changed.
     """
@@ -227,6 +263,12 @@ def quantize_(
             "static activation quantization needs calib_data (a few input batches); "
             "or set dynamic: true, or activations: null for weight-only"
         )
+    gptq = config.algorithm == "gptq" and calibrate
+    if gptq and calib_data is None:
+        raise VitcompressError(
+            "quantize.algorithm gptq needs calib_data (a few input batches) to measure each "
+            "layer's inputs; pass calib_data or use algorithm: rtn"
+        )
 
     def act(fmt: Format, dim: int = -1) -> ActivationQuantizer:
         return ActivationQuantizer(fmt, config.dynamic, cal.method, cal.percentile, dim)
@@ -237,12 +279,19 @@ def quantize_(
                 f"quantize: {name}.weight holds NaN or Inf; quantising would hide it behind "
                 "finite codes"
             )
+    scale_dtype = PARAM_PRECISIONS[config.scales]
+    if gptq:
+        # the same batches for the Hessians and the activation ranges, from any iterable
+        calib_data = list(itertools.islice(calib_data, cal.batches))
+        _gptq_(model, dict(layers), config, calib_data)
     for name, linear in layers:
         aq = act(afmt) if afmt is not None else None
+        if gptq:  # quantised above; inputs quantised only now, so GPTQ saw float activations
+            model.get_submodule(name).input_quant = aq
+            continue
         new = QuantLinear.from_linear(
-            linear, wfmt, config.granularity, config.group_size, aq,
-            PARAM_PRECISIONS[config.scales],
-        )  # fmt: skip
+            linear, wfmt, config.granularity, config.group_size, aq, scale_dtype
+        )
         replace_module(model, name, new)
     round_rest_(model, config.rest)
     for name, _ in matmuls:
@@ -252,6 +301,31 @@ def quantize_(
         replace_module(model, name, QuantMatMul(act(mm_fmt, -1), act(mm_fmt, -2)))
     if needs_data and calibrate:
         calibrate_(model, calib_data, cal.batches)
+
+
+def _gptq_(
+    model: nn.Module, layers: dict[str, nn.Module], config: QuantizeConfig, calib_data: Iterable
+) -> None:
+    """Replace ``layers`` by weight-only :class:`QuantLinear` modules holding GPTQ's values,
+    block by block. A pruned layer (``weight_mask``) keeps its zeros."""
+    wfmt, scale_dtype = config.weight_format, PARAM_PRECISIONS[config.scales]
+
+    def compress(name: str, linear: nn.Module, h: torch.Tensor) -> None:
+        try:
+            res = gptq_quantize(
+                linear.weight.detach(), h, wfmt, config.granularity, config.group_size,
+                damp=config.damp, act_order=config.act_order, block_size=config.block_size,
+                scale_dtype=scale_dtype, mask=linear._buffers.get(MASK),
+            )  # fmt: skip
+        except VitcompressError as e:
+            raise VitcompressError(f"quantize (gptq) {name}: {e}") from None
+        new = QuantLinear.from_linear(
+            linear, wfmt, config.granularity, config.group_size, None, scale_dtype,
+            weight=res.weight, qparams=(res.scale, res.zero_point),
+        )  # fmt: skip
+        replace_module(model, name, new)
+
+    compress_sequentially_(model, layers, calib_data, compress, config.calibration.batches)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +429,17 @@ class QuantizeStep(Step):
     last = True  # quantization-aware training is not supported
     result_defaults = {"format": "fp32", "activations": None}
 
+    def to_dict(self, config: QuantizeConfig) -> dict:
+        """Defaults filled in; GPTQ's options only when it runs (hashes of RTN recipes stay)."""
+        d = plain(config)
+        if config.algorithm == "rtn":
+            for key in GPTQ_FIELDS:
+                del d[key]
+        return d
+
     def needs_calibration(self, config: QuantizeConfig) -> bool:
+        if config.algorithm == "gptq":
+            return True
         if config.dynamic:
             return False
         fmts = (config.activation_format, config.matmul_format)
@@ -408,7 +492,9 @@ class QuantizeStep(Step):
 STEP = QuantizeStep()
 
 __all__ = [
+    "ALGORITHMS",
     "CALIBRATION_METHODS",
+    "GPTQ_FIELDS",
     "STEP",
     "CalibrationConfig",
     "QuantizeConfig",
