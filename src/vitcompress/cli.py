@@ -47,8 +47,11 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "num_classes": cfg["num_classes"],
             }
         )
+    from vitcompress.zoo import table
+
+    zoo = table()
     if args.json:
-        print(dumps_strict(rows))
+        print(dumps_strict([*rows, *({"model": z["name"], **z} for z in zoo)]))
         return 0
     print(f"{'model':<14}{'params':>12}{'GFLOPs':>10}  input")
     for r in rows:
@@ -56,6 +59,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         size = f"{r['in_chans']}x{r['img_size']}x{r['img_size']}{patch}, {r['num_classes']} classes"
         print(f"{r['model']:<14}{r['params'] / 1e6:>11.2f}M{r['gflops']:>10.3f}  {size}")
     print("GFLOPs: floating-point operations per image, 2 per multiply-add (GMACs = GFLOPs / 2).")
+    if zoo:
+        print("\nShipped models (use the name wherever a run directory goes):")
+        for z in zoo:
+            t = f"{z['train_s'] / 60:.0f} min" if z.get("train_s") else "?"
+            print(f"  {z['name']:<28}{z['params'] / 1e6:>7.2f}M  top-1 {z['top1'] * 100:.2f} % "
+                  f"on Fashion-MNIST ({z['test_images']:,} test images, trained in {t})")  # fmt: skip
     return 0
 
 

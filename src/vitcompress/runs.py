@@ -32,6 +32,7 @@ from vitcompress.models import build_model
 from vitcompress.pack import load_packed, save_packed, with_model_config
 from vitcompress.steps.registry import describe_structure, rebuild_structure_
 from vitcompress.train import ResumeState
+from vitcompress.zoo import run_path
 
 WEIGHTS = "model.safetensors"
 PACKED = "model.packed"
@@ -174,9 +175,9 @@ def load_run(
     The model is built on the meta device and its shapes checked against the file before any
     memory is taken, so a config.json describing a huge model costs nothing. A run without
     ``metrics.json`` (interrupted) is refused unless ``complete=False``, weights with NaN or Inf
-    unless ``allow_nonfinite``.
+    unless ``allow_nonfinite``. ``zoo:NAME`` names a shipped model.
     """
-    run_dir = Path(run_dir)
+    run_dir = run_path(run_dir)
     if not run_dir.exists():
         raise VitcompressError(f"checkpoint directory not found: {run_dir}")
     if not run_dir.is_dir():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -20,6 +19,7 @@ from vitcompress.errors import VitcompressError
 from vitcompress.sparsity import GradualPruner, enforce_masks_
 from vitcompress.steps.registry import Step, StepContext
 from vitcompress.train import FINETUNE_DEFAULTS, TrainConfig, train
+from vitcompress.zoo import run_path
 
 # The TrainConfig fields a recipe may set; the rest (seed, data, model shape) come from the run.
 # The first seven are always written out, so a recipe's hash stays what it was before the
@@ -48,7 +48,7 @@ class DistillSpec:
         check_number(self.tau, "finetune.distill.tau", positive=True)
         if not isinstance(self.teacher, str):
             raise VitcompressError(f"finetune.distill.teacher must be a string: {self.teacher!r}")
-        if self.teacher != "self" and not (Path(self.teacher) / "config.json").is_file():
+        if self.teacher != "self" and not (run_path(self.teacher) / "config.json").is_file():
             raise VitcompressError(
                 f"finetune.distill.teacher: {self.teacher} is not a run directory (no config.json)"
             )

@@ -58,6 +58,7 @@ from typing import Any
 from vitcompress.config import check_keys, is_int, load_yaml
 from vitcompress.errors import VitcompressError
 from vitcompress.train import TrainConfig
+from vitcompress.zoo import run_path
 
 BUILTIN = ("smoke", "seed", "seed-full")
 TOP_KEYS = (
@@ -285,7 +286,7 @@ def _existing_run(
     extra = [k for k in spec if k not in (key, "finetune", "limit")]
     if extra:
         raise VitcompressError(f"{where}: {extra[0]!r} does not apply to an existing run")
-    run = Path(str(spec[key])).expanduser().resolve()
+    run = run_path(Path(str(spec[key])).expanduser()).resolve()
     if not (run / "config.json").is_file():
         raise VitcompressError(f"{where}: run {run} is not a run directory (no config.json)")
     try:
@@ -364,7 +365,7 @@ def resolve_models(
                 if t in entries:
                     teacher_ref = resolve(t, (*stack, label))
                 else:
-                    tp = Path(t).expanduser().resolve()
+                    tp = run_path(Path(t).expanduser()).resolve()
                     if not (tp / "config.json").is_file():
                         raise VitcompressError(
                             f"{where}: teacher {t!r} is neither a label under teachers/models "
