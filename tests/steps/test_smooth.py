@@ -12,6 +12,7 @@ from vitcompress.steps.calib import observe_inputs
 from vitcompress.steps.recipe import apply_recipe, parse_recipe
 from vitcompress.steps.registry import StepContext
 from vitcompress.steps.smooth import (
+    STEP,
     SmoothConfig,
     range_ratio,
     smooth_,
@@ -64,7 +65,7 @@ def test_smooth_leaves_the_float_model_unchanged_and_flattens_the_inputs(tiny_vi
     smoothed = copy.deepcopy(model)
     names = [f"blocks.{i}.{p}" for i in range(4) for p in ("attn.qkv", "mlp.fc1")]
     before = input_ranges(model, names)
-    report = smooth_(smoothed, SmoothConfig(alpha=0.5), CALIB)
+    report = STEP.apply(smoothed, SmoothConfig(alpha=0.5), StepContext(calib_loader=CALIB), 0)
     assert report["layers"] == names and report["skipped"] == []
     with torch.no_grad():
         ref, got = model(X), smoothed(X)

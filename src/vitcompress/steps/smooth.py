@@ -124,14 +124,19 @@ def _fed_by_norm(model: nn.Module) -> dict[str, tuple[str, nn.LayerNorm, nn.Line
     return out
 
 
-def smooth_(model: nn.Module, config: SmoothConfig, calib_data: Iterable) -> dict:
-    """Smooth the selected LayerNorm-fed layers of ``model`` in place (module docstring).
-
-    Returns what it did: ``layers`` smoothed, ``skipped`` (matched but not fed by a LayerNorm),
-    and the mean :func:`range_ratio` of their inputs before and after.
+def smooth_(model: nn.Module, config: SmoothConfig, calib_data: Iterable) -> None:
+    """Smooth the selected LayerNorm-fed layers of ``model`` in place (module docstring), with
+    activation ranges from ``calib_data`` (input batches).
 
     Raises:
         VitcompressError: no calibration data, or no matched layer takes a LayerNorm output.
+    """
+    _smooth(model, config, calib_data)
+
+
+def _smooth(model: nn.Module, config: SmoothConfig, calib_data: Iterable) -> dict:
+    """:func:`smooth_`, returning what it did: ``layers`` smoothed, ``skipped`` (matched but
+    not fed by a LayerNorm), and the mean :func:`range_ratio` of their inputs before and after.
     """
     if calib_data is None:
         raise VitcompressError("smooth needs calibration data (a few input batches)")
@@ -193,7 +198,7 @@ class SmoothStep(Step):
         select_modules(shadow, config.targets, config.ignore, (nn.Linear, LowRankLinear), what)
 
     def apply(self, model: nn.Module, config: SmoothConfig, ctx: StepContext, index: int) -> dict:
-        return smooth_(model, config, ctx.calib_loader)
+        return _smooth(model, config, ctx.calib_loader)
 
 
 STEP = SmoothStep()
