@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -10,10 +11,14 @@ from vitcompress.errors import VitcompressError
 from vitcompress.lowrank import (
     LowRankConv2d,
     LowRankLinear,
+    factors_from_svd,
+    input_moment,
     rank_for_budget,
     rank_for_energy,
     rank_for_ratio,
+    svd,
     svd_factors,
+    whitened_svd,
 )
 from vitcompress.models import create_model
 from vitcompress.steps.lowrank import (
@@ -208,3 +213,124 @@ def test_factorize_energy_one_is_exact():
 def test_factorize_target_matching_nothing():
     with pytest.raises(VitcompressError, match="matches no"):
         factorize_(nn.Sequential(nn.Linear(4, 4)), LowRankConfig(rank=1))
+
+
+# --------------------------------------------------------------------------------------------
+# Activation-aware (whitened) SVD
+# --------------------------------------------------------------------------------------------
+
+
+def skewed_inputs(tokens: int, p: int, seed: int = 0) -> torch.Tensor:
+    """Correlated inputs whose channel scales span three decades (float64, (tokens, p))."""
+    g = torch.Generator().manual_seed(seed)
+    mix, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))
+    scales = torch.logspace(-1.5, 1.5, p, dtype=torch.float64)
+    return (torch.randn(tokens, p, generator=g, dtype=torch.float64) * scales) @ mix
+
+
+def output_error(W: torch.Tensor, usv: tuple, r: int, X: torch.Tensor) -> float:
+    A, B = factors_from_svd(*usv, r)
+    return float((X @ (W - B @ A).T).norm() / (X @ W.T).norm())
+
+
+@pytest.mark.parametrize("r", [4, 12, 24])
+def test_whitened_svd_has_less_output_error_than_plain_svd(r):
+    torch.manual_seed(0)
+    W = torch.randn(48, 64, dtype=torch.float64)
+    X = skewed_inputs(4000, 64)
+    C = input_moment(X) / X.shape[0]
+    plain_err = output_error(W, svd(W), r, X)
+    white_err = output_error(W, whitened_svd(W, C), r, X)
+    assert white_err < 0.7 * plain_err
+    # it is the optimum: no other rank-r matrix does better on these inputs (the residual of a
+    # least-squares fit of the best rank-r outputs cannot be undercut by the plain SVD's)
+    Y = X @ W.T  # (tokens, n)
+    best = torch.linalg.svdvals(Y)[r:].square().sum().sqrt() / Y.norm()
+    assert white_err == pytest.approx(float(best), rel=1e-3)  # up to the fp32 moment
+
+
+def test_whitened_svd_is_plain_svd_for_isotropic_inputs():
+    torch.manual_seed(0)
+    W = torch.randn(20, 30, dtype=torch.float64)
+    for r in (1, 7, 20):
+        for split in ("sqrt", "second"):
+            A, B = factors_from_svd(
+                *whitened_svd(W, 2.5 * torch.eye(30, dtype=torch.float64)), r, split
+            )
+            A0, B0 = factors_from_svd(*svd(W), r, split)
+            assert torch.allclose(B @ A, B0 @ A0, atol=1e-12)
+    U, S, Vh = whitened_svd(W, torch.eye(30, dtype=torch.float64))
+    assert torch.allclose(U @ torch.diag(S) @ Vh, W, atol=1e-12)  # an exact decomposition
+
+
+def test_whitened_svd_survives_a_singular_moment():
+    """Fewer tokens than channels and a dead channel: damped, finite, and still better."""
+    torch.manual_seed(0)
+    W = torch.randn(16, 40, dtype=torch.float64)
+    X = skewed_inputs(30, 40)  # rank 30 < 40
+    X[:, 5] = 0.0
+    C = input_moment(X) / X.shape[0]
+    U, S, Vh = whitened_svd(W, C)
+    assert all(bool(torch.isfinite(t).all()) for t in (U, S, Vh))
+    assert output_error(W, (U, S, Vh), 8, X) < 0.7 * output_error(W, svd(W), 8, X)
+    U, S, Vh = whitened_svd(W, torch.zeros(40, 40, dtype=torch.float64))  # never saw input
+    A, B = factors_from_svd(U, S, Vh, 8)
+    A0, B0 = factors_from_svd(*svd(W), 8)
+    assert torch.allclose(B @ A, B0 @ A0, atol=1e-12)
+    with pytest.raises(VitcompressError, match="input moment of shape"):
+        whitened_svd(W, torch.eye(3))
+
+
+def test_whitened_factorize_through_the_step_on_a_mlp_and_a_patch_conv():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 8))
+    tokens = skewed_inputs(5 * 64, 32).float()
+    calib, held_out = list(tokens[:256].split(64)), tokens[256:]
+    errs = {}
+    for method in ("svd", "whitened"):
+        model = copy.deepcopy(dense)
+        cfg = LowRankConfig(rank=6, targets="0", method=method)
+        report = STEP.apply(model, cfg, StepContext(calib_loader=calib), 0)["layers"]
+        assert report["0"]["rank"] == 6
+        with torch.no_grad():
+            errs[method] = float((model[0](held_out) - dense[0](held_out)).norm())
+    assert errs["whitened"] < 0.7 * errs["svd"]
+    # the patch projection, whose moment comes from unfolded patches in the weight's
+    # (in, kh, kw) order: on its calibration images, the least output error any rank-4 conv has
+    conv = nn.Conv2d(3, 24, kernel_size=4, stride=4).double()
+    tint = torch.tensor([0.05, 1.0, 4.0], dtype=torch.float64).reshape(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64) * tint for _ in range(2)]
+    outs = {}
+    for method in ("svd", "whitened"):
+        model = nn.Sequential(copy.deepcopy(conv))
+        factorize_(model, LowRankConfig(rank=4, targets="0", method=method), imgs)
+        assert isinstance(model[0], LowRankConv2d)
+        with torch.no_grad():
+            outs[method] = float(sum((model(x) - conv(x)).square().sum() for x in imgs).sqrt())
+    with torch.no_grad():
+        Y = torch.cat([(conv(x) - conv.bias[:, None, None]).flatten(2).transpose(1, 2)
+                       for x in imgs]).reshape(-1, 24)  # fmt: skip
+    best = float(torch.linalg.svdvals(Y)[4:].square().sum().sqrt())
+    assert outs["whitened"] == pytest.approx(best, rel=1e-3) and outs["whitened"] < outs["svd"]
+
+
+def test_whitened_energy_reads_the_whitened_spectrum_and_needs_data():
+    """Inputs living in 2 of 12 directions: 99 % of the output energy needs rank <= 2, while
+    the weight's own spectrum is flat."""
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 12)
+    with torch.no_grad():
+        lin.weight.copy_(torch.linalg.qr(torch.randn(12, 12))[0])  # all singular values 1
+    x = torch.zeros(256, 12)
+    x[:, :2] = torch.randn(256, 2)
+    model = nn.Sequential(lin)
+    cfg = LowRankConfig(energy=0.99, targets="0", method="whitened")
+    assert STEP.needs_calibration(cfg) and not STEP.needs_calibration(LowRankConfig(rank=1))
+    report = STEP.apply(model, cfg, StepContext(calib_loader=[x]), 0)["layers"]
+    assert report["0"]["rank"] <= 2
+    assert torch.allclose(model(x), lin(x), atol=1e-4)
+    with pytest.raises(VitcompressError, match="whitened' needs calibration data"):
+        factorize_(nn.Sequential(nn.Linear(12, 12)), cfg)
+    with pytest.raises(VitcompressError, match="lowrank.method must be one of"):
+        LowRankConfig(rank=2, method="asvd")

@@ -48,6 +48,8 @@ _API = {
     "ShrinkConfig": "vitcompress.steps.shrink",
     "factorize_": "vitcompress.steps.lowrank",
     "LowRankConfig": "vitcompress.steps.lowrank",
+    "smooth_": "vitcompress.steps.smooth",
+    "SmoothConfig": "vitcompress.steps.smooth",
     "to_int8_": "vitcompress.int8",
     # data, training, measuring
     "load_data": "vitcompress.data",

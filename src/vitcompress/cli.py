@@ -63,8 +63,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print("\nShipped models (use the name wherever a run directory goes):")
         for z in zoo:
             t = f"{z['train_s'] / 60:.0f} min" if z.get("train_s") else "?"
-            print(f"  {z['name']:<28}{z['params'] / 1e6:>7.2f}M  top-1 {z['top1'] * 100:.2f} % "
-                  f"on Fashion-MNIST ({z['test_images']:,} test images, trained in {t})")  # fmt: skip
+            top1 = f"top-1 {z['top1'] * 100:.2f} % on {z['test_images']:,} test images"
+            print(f"  {z['name']:<28}{z['params'] / 1e6:>7.2f}M  {top1}, trained in {t}")
     return 0
 
 

@@ -24,8 +24,9 @@ Everything else (LayerNorm, softmax, GELU, the attention products unless quantis
 ``com.microsoft.MultiHeadAttention`` kernel (:class:`FusedAttention`): the same maths with about
 20 fewer nodes per block, for onnxruntime only (other ONNX consumers do not know the operator).
 What cannot be expressed or run is refused with one line: fp8/fp6/fp4 or sub-8-bit
-activations, dynamic per-token activation scales (no QDQ form), per-group weight scales, fp16
-export of a quantised model.
+activations, dynamic per-token activation scales (no QDQ form), log2 / twin activation grids
+(:mod:`vitcompress.quant_grids`, emulated), per-group weight scales, fp16 export of a quantised
+model.
 
 Running, checking and reading the files is :mod:`vitcompress.ort`'s part; there the "peer" path
 ``quantize_dynamic_onnx`` runs onnxruntime's own ``quantize_dynamic`` on an fp32 export: what a
@@ -267,6 +268,11 @@ def _act_qdq(aq: Any, where: str, act_dtype: str, clip: bool) -> _ActQDQ:
     from vitcompress.formats import IntFormat
 
     fmt = aq.fmt
+    if aq.grid != "uniform":
+        raise VitcompressError(
+            f"export: {where} quantises activations on a {aq.grid} grid, which has no ONNX QDQ "
+            "form (it is emulated); quantise with softmax_quant/gelu_quant: uniform to export"
+        )
     if not isinstance(fmt, IntFormat):
         raise VitcompressError(
             f"export: {where} quantises activations to {fmt.name}; ONNX/onnxruntime QDQ runs "

@@ -159,6 +159,8 @@ class Int8Linear(nn.Module):
             why = "it is weight-only; quantise activations too (activations='int8', dynamic=True)"
         elif not isinstance(aq.fmt, IntFormat):
             why = f"activations are {aq.fmt.name}; need an integer format"
+        elif aq.grid != "uniform":
+            why = f"its activations are on a {aq.grid} grid; an integer GEMM needs a uniform one"
         elif aq.dynamic and aq.dim not in (-1, layer.weight.ndim - 1):
             why = "dynamic activation scales must be per token"
         elif not aq.dynamic and not bool(aq.calibrated):

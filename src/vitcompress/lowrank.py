@@ -18,6 +18,15 @@ a 1x1 ``Conv2d(r, out)`` with the bias. This covers the ViT patch projection
 A factorisation that does not save parameters (``r * (n + p) >= n * p``) is skipped: the layer
 stays dense (:func:`saves_params`). The config, the verb ``factorize_`` and the recipe step live in
 :mod:`vitcompress.steps.lowrank`.
+
+Activation-aware ("whitened") SVD, as in SVD-LLM (Wang et al. 2024): plain SVD minimises
+``||W - W'||``, which treats every input direction alike, while a layer's inputs are far from
+isotropic (a few channels carry most of the energy in a ViT). What matters is the output error on
+real inputs, ``||X W^T - X W'^T||_F = ||(W - W') S||_F`` with ``S S^T = X^T X`` (Cholesky). So
+:func:`whitened_svd` truncates the SVD of ``W S`` and un-whitens the right factor,
+``W' = U_r S_r (V_r^T S^-1)``: the best rank-``r`` layer for the calibration tokens. Its result
+has the same shape as :func:`svd`'s (``Vh`` no longer has orthonormal rows), so ranks, splits and
+factor modules are shared, and a whitened layer is stored and exported like any other.
 """
 
 from __future__ import annotations
@@ -31,6 +40,10 @@ from torch import nn
 from vitcompress.errors import VitcompressError
 
 SPLITS = ("sqrt", "second")
+# The smallest eigenvalue a whitened SVD lets the input moment have, relative to its mean
+# diagonal: small enough not to change a well-conditioned layer, large enough that S^-1 stays
+# bounded on a dead input channel.
+WHITEN_DAMP = 1e-6
 
 # --------------------------------------------------------------------------------------------
 # Pure maths
@@ -48,6 +61,66 @@ def svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ``W`` (reshaped to ``(out, -1)``) in float64: ``U (n, k), S (k,), Vh (k, p)``."""
     W2 = W.detach().reshape(W.shape[0], -1).to(torch.float64)  # (n, p)
     return torch.linalg.svd(W2, full_matrices=False)
+
+
+def input_moment(x: torch.Tensor) -> torch.Tensor:
+    """``X^T X`` in float64 of a batch of layer inputs ``x`` (..., p): the second moment
+    :func:`whitened_svd` needs (summed over batches by the caller).
+
+    The product runs in fp32 (the batch's own precision, and far faster on a CPU); the running
+    sum over batches is float64, so that many batches do not lose small terms.
+    """
+    x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, p)
+    return (x2.T @ x2).double()  # (p, p)
+
+
+def whitening(C: torch.Tensor, damp: float = WHITEN_DAMP) -> torch.Tensor:
+    """Lower-triangular ``S`` with ``S S^T = C + lam I`` for a symmetric PSD ``C`` (p, p).
+
+    ``lam = 0`` when ``C`` is well conditioned; when its smallest eigenvalue is below
+    ``damp * mean(diag(C))`` (a dead input channel, fewer tokens than channels, rounding), ``lam``
+    lifts it there, as SVD-LLM shifts a matrix that is not positive definite: ``S^-1`` then stays
+    bounded. A zero ``C`` (the layer never saw a non-zero input) gives the identity, i.e. plain SVD.
+    """
+    C = C.detach().to(torch.float64)
+    C = (C + C.T) / 2  # (p, p); summed products are symmetric only up to rounding
+    p = C.shape[0]
+    eye = torch.eye(p, dtype=torch.float64, device=C.device)
+    mean = float(C.diagonal().mean()) if p else 0.0
+    if not mean > 0 or not bool(torch.isfinite(C).all()):
+        return eye
+    floor = damp * mean
+    low = float(torch.linalg.eigvalsh(C)[0])
+    if low < floor:
+        C = C + (floor - low) * eye
+    L, info = torch.linalg.cholesky_ex(C)
+    if int(info) != 0:  # rounding at the floor itself: lift once more
+        L = torch.linalg.cholesky(C + floor * eye)
+    return L
+
+
+def whitened_svd(
+    W: torch.Tensor, C: torch.Tensor, damp: float = WHITEN_DAMP
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U (n, k), S (k,), Vh (k, p)`` with ``W = U diag(S) Vh`` and every truncation
+    ``U_r diag(S_r) Vh_r`` the rank-``r`` matrix of least output error ``||(W - W') X^T||_F``
+    for inputs whose second moment is ``C = X^T X`` (module docstring). In float64.
+
+    ``S`` is the spectrum of the whitened weight ``W L`` (``L = whitening(C)``), ``U`` its left
+    singular vectors, ``Vh = V^T L^-1`` (rows not orthonormal). With ``C`` a multiple of the
+    identity every truncation is :func:`svd`'s. Pass the *mean* moment (``X^T X`` over the
+    token count) so that ``S`` keeps the scale of the weight and a ``sqrt`` split stays balanced.
+    """
+    W2 = W.detach().reshape(W.shape[0], -1).to(torch.float64)  # (n, p)
+    if C.shape != (W2.shape[1], W2.shape[1]):
+        raise VitcompressError(
+            f"whitened SVD: input moment of shape {tuple(C.shape)} for a weight with "
+            f"{W2.shape[1]} inputs"
+        )
+    L = whitening(C.to(W2.device), damp)  # (p, p), lower
+    U, S, Vh = torch.linalg.svd(W2 @ L, full_matrices=False)  # (n, k), (k,), (k, p)
+    Vh = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)  # Vh L^-1, (k, p)
+    return U, S, Vh
 
 
 def factors_from_svd(
@@ -288,10 +361,13 @@ __all__ = [
     "LowRankConv2d",
     "LowRankLinear",
     "factors_from_svd",
+    "input_moment",
     "rank_for_budget",
     "rank_for_energy",
     "rank_for_ratio",
     "saves_params",
     "svd",
     "svd_factors",
+    "whitened_svd",
+    "whitening",
 ]

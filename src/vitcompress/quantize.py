@@ -129,8 +129,11 @@ class ActivationQuantizer(nn.Module):
 
     Buffers ``scale`` (fp32 scalar) and ``zero_point`` (int32 scalar; None for floats) hold the
     calibrated qparams; ``calibrated`` (bool) says they are real. Unscaled float formats (fp16,
-    bf16, tf32) need neither: they cast.
+    bf16, tf32) need neither: they cast. ``grid`` names the grid of values: ``uniform`` here,
+    non-uniform ones in :mod:`vitcompress.quant_grids` (runtimes and exporters check it).
     """
+
+    grid = "uniform"
 
     def __init__(
         self,
@@ -186,8 +189,8 @@ class ActivationQuantizer(nn.Module):
                 flat = flat[idx.to(flat.device)]
             self._samples.append(flat.cpu())
 
-    def freeze(self, where: str = "") -> None:
-        """Turn the observed statistics into ``scale`` / ``zero_point``."""
+    def _observed_range(self, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The observed ``(min, max)``; raises when no data, or no finite data, was seen."""
         self.observing = False
         if self._batches == 0:
             raise VitcompressError(
@@ -199,7 +202,11 @@ class ActivationQuantizer(nn.Module):
                 f"quantizer {where or '?'} saw NaN or Inf activations during calibration; the "
                 "model or its calibration data is broken"
             )
-        lo, hi = torch.tensor(self._lo), torch.tensor(self._hi)
+        return torch.tensor(self._lo), torch.tensor(self._hi)
+
+    def freeze(self, where: str = "") -> None:
+        """Turn the observed statistics into ``scale`` / ``zero_point``."""
+        lo, hi = self._observed_range(where)
         if self.method == "minmax":
             scale, zp = qparams_from_minmax(lo, hi, self.fmt)
         else:

@@ -5,6 +5,9 @@ layers (:class:`~vitcompress.quantize.QuantLinear`, ``QuantMatMul``, ``Int8Linea
 The attention dot products Q.K^T and A.V stay in float unless ``attention_matmul`` names a
 format (both studies leave them in float). The patch-embedding Conv2d stays in float: it sees
 the raw image and is a small share of the compute.
+
+``softmax_quant`` and ``gelu_quant`` put the two ViT activations a uniform grid serves worst
+(post-softmax attention, post-GELU) on the non-uniform grids of :mod:`vitcompress.quant_grids`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from vitcompress.errors import VitcompressError
 from vitcompress.formats import GRANULARITIES, FloatFormat, Format, IntFormat, get_format
 from vitcompress.gptq import gptq_quantize
 from vitcompress.int8 import Int8Linear, to_int8_
-from vitcompress.models.vit import MatMul
+from vitcompress.models.vit import Attention, MatMul, Mlp
 from vitcompress.obs import check_options
 from vitcompress.quantize import (
     PARAM_PRECISIONS,
@@ -114,6 +117,11 @@ class QuantizeConfig:
         damp: GPTQ's dampening of the Hessian, relative to its mean diagonal (> 0).
         act_order: GPTQ quantises the inputs with the largest activations first.
         block_size: GPTQ's columns per lazy batch update (speed only; >= 1).
+        softmax_quant: the grid of the post-softmax input ``A`` of each attention ``A.V``
+            (when ``attention_matmul`` is an integer format): ``uniform``, ``log2`` or ``twin``
+            (:mod:`vitcompress.quant_grids`); static activations only.
+        gelu_quant: the grid of each ``mlp.fc2`` input (post-GELU; static integer
+            activations): ``uniform`` or ``twin``.
     """
 
     weights: str = "int8"
@@ -132,8 +140,12 @@ class QuantizeConfig:
     damp: float = 0.01
     act_order: bool = True
     block_size: int = 128
+    # --- outlier-aware activation grids (see the block of that name below) -----------------
+    softmax_quant: str = "uniform"
+    gelu_quant: str = "uniform"
 
     def __post_init__(self) -> None:
+        _check_grids(self)
         if self.scales not in PARAM_PRECISIONS:
             _fail("quantize", "scales", self.scales, f"one of {', '.join(PARAM_PRECISIONS)}")
         if self.rest not in PARAM_PRECISIONS and rest_int_format(self.rest) is None:
@@ -245,14 +257,16 @@ def quantize_(
 
     Raises:
         VitcompressError: a pattern that matches nothing, static activations or GPTQ without
-            ``calib_data``, attention quantization on a model without MatMul modules; all before
-            the model is changed.
+            ``calib_data``, attention quantization on a model without MatMul modules, a
+            ``softmax_quant`` / ``gelu_quant`` grid with no layer to act on; all before the
+            model is changed.
     """
     if not isinstance(config, QuantizeConfig):
         raise VitcompressError(f"quantize_ needs a QuantizeConfig, got {type(config).__name__}")
     layers = select_modules(model, config.targets, config.ignore, (nn.Linear,), "quantize.targets")
     mm_fmt = config.matmul_format
     matmuls = _matmuls(model, config) if mm_fmt is not None else []
+    grids = grid_sites(model, config, (n for n, _ in layers), (n for n, _ in matmuls))
     wfmt, afmt = config.weight_format, config.activation_format
     cal = config.calibration
     needs_data = not config.dynamic and (
@@ -299,6 +313,7 @@ def quantize_(
         if hasattr(parent, "fused_attn"):
             parent.fused_attn = False  # route attention through the MatMul modules
         replace_module(model, name, QuantMatMul(act(mm_fmt, -1), act(mm_fmt, -2)))
+    use_grids_(model, config, grids)
     if needs_data and calibrate:
         calibrate_(model, calib_data, cal.batches)
 
@@ -329,6 +344,88 @@ def _gptq_(
 
 
 # --------------------------------------------------------------------------------------------
+# Outlier-aware activation grids: softmax_quant, gelu_quant (vitcompress.quant_grids)
+# --------------------------------------------------------------------------------------------
+
+SOFTMAX_GRIDS = ("uniform", "log2", "twin")
+GELU_GRIDS = ("uniform", "twin")
+# Fields added after recipe hashes were first stored: left out of a recipe's resolved dict while
+# they hold their defaults, so that the hash of every older recipe stays the same.
+_GRID_FIELDS = {"softmax_quant": "uniform", "gelu_quant": "uniform"}
+
+
+def _check_grids(config: QuantizeConfig) -> None:
+    """``softmax_quant`` / ``gelu_quant``: known grids, on static integer inputs. Formats that
+    do not parse are left to the checks of ``__post_init__`` that follow."""
+    for key, source, grids in (
+        ("softmax_quant", "attention_matmul", SOFTMAX_GRIDS),
+        ("gelu_quant", "activations", GELU_GRIDS),
+    ):
+        value = getattr(config, key)
+        if value not in grids:
+            _fail("quantize", key, value, f"one of {', '.join(grids)}")
+        if value == "uniform":
+            continue
+        name = getattr(config, source)
+        try:
+            fmt = None if name in (None, "fp32") else get_format(name)
+        except VitcompressError:
+            continue
+        if not isinstance(fmt, IntFormat):
+            raise VitcompressError(
+                f"quantize.{key} = {value!r} quantises {source} on a {value} grid, which needs "
+                f"an integer {source} format (e.g. {source}: int8), got {name!r}"
+            )
+        if config.dynamic is True:
+            raise VitcompressError(
+                f"quantize.{key} = {value!r} is a calibrated grid; it needs dynamic: false"
+            )
+
+
+def grid_sites(
+    model: nn.Module, config: QuantizeConfig, linears: Iterable[str], matmuls: Iterable[str]
+) -> list[tuple[str, str]]:
+    """``(module name, quantizer attribute)`` of every activation quantizer ``softmax_quant`` /
+    ``gelu_quant`` replace, given the names of the Linears and MatMuls :func:`quantize_` is
+    about to quantise: the ``a`` input of each attention ``A.V``, the input of each ``fc2``
+    (its ``.first`` factor after a low-rank step). A grid that finds nothing is an error.
+    """
+    linears, matmuls = set(linears), set(matmuls)
+    sites: list[tuple[str, str]] = []
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if config.softmax_quant != "uniform" and isinstance(m, Attention):
+            if f"{prefix}av_matmul" in matmuls:
+                sites.append((f"{prefix}av_matmul", "a_quant"))
+        if config.gelu_quant != "uniform" and isinstance(m, Mlp):
+            fc2 = f"{prefix}fc2"
+            fc2 = fc2 if fc2 in linears else f"{fc2}.first"  # after lowrank: fc2.first
+            if fc2 in linears:
+                sites.append((fc2, "input_quant"))
+    for key, attr, what in (("softmax_quant", "a_quant", "attention A.V MatMul"),
+                            ("gelu_quant", "input_quant", "mlp.fc2 Linear")):  # fmt: skip
+        grid = getattr(config, key)
+        if grid != "uniform" and not any(a == attr for _, a in sites):
+            raise VitcompressError(
+                f"quantize.{key} = {grid!r}, but no quantised {what} matches the targets; "
+                f"quantise it or leave {key}: uniform"
+            )
+    return sites
+
+
+def use_grids_(model: nn.Module, config: QuantizeConfig, sites: list[tuple[str, str]]) -> None:
+    """Put the quantizers ``softmax_quant`` / ``gelu_quant`` name in place of the uniform ones
+    :func:`quantize_` made at ``sites`` (:func:`grid_sites`), before calibration."""
+    from vitcompress.quant_grids import GRID_QUANTIZERS
+
+    for name, attr in sites:
+        module = model.get_submodule(name)
+        grid = config.softmax_quant if attr == "a_quant" else config.gelu_quant
+        old = getattr(module, attr)
+        setattr(module, attr, GRID_QUANTIZERS[grid](old.fmt, old.dim))
+
+
+# --------------------------------------------------------------------------------------------
 # The step: structure records of quantised layers, result fields, the runtime that runs them
 # --------------------------------------------------------------------------------------------
 
@@ -355,14 +452,23 @@ def format_from_spec(d: str | dict) -> Format:
 def _aq_spec(aq: ActivationQuantizer | None) -> dict | None:
     if aq is None:
         return None
-    return {"fmt": format_spec(aq.fmt), "dynamic": bool(aq.dynamic), "method": aq.method,
+    spec = {"fmt": format_spec(aq.fmt), "dynamic": bool(aq.dynamic), "method": aq.method,
             "percentile": aq.percentile, "dim": aq.dim}  # fmt: skip
+    if aq.grid != "uniform":  # uniform records stay as they were
+        spec["grid"] = aq.grid
+    return spec
 
 
 def _aq_build(spec: dict | None) -> ActivationQuantizer | None:
     if spec is None:
         return None
     fmt = format_from_spec(spec["fmt"])
+    if spec.get("grid", "uniform") != "uniform":
+        from vitcompress.quant_grids import GRID_QUANTIZERS
+
+        if spec["grid"] not in GRID_QUANTIZERS:
+            raise VitcompressError(f"unknown activation grid {spec['grid']!r} in a record")
+        return GRID_QUANTIZERS[spec["grid"]](fmt, spec["dim"])
     return ActivationQuantizer(
         fmt, spec["dynamic"], spec["method"], spec["percentile"], spec["dim"]
     )
@@ -430,12 +536,13 @@ class QuantizeStep(Step):
     result_defaults = {"format": "fp32", "activations": None}
 
     def to_dict(self, config: QuantizeConfig) -> dict:
-        """Defaults filled in; GPTQ's options only when it runs (hashes of RTN recipes stay)."""
+        """Defaults filled in; GPTQ's options only when it runs and the outlier grids only
+        when not uniform (the hashes of older recipes stay)."""
         d = plain(config)
         if config.algorithm == "rtn":
             for key in GPTQ_FIELDS:
                 del d[key]
-        return d
+        return {k: v for k, v in d.items() if k not in _GRID_FIELDS or v != _GRID_FIELDS[k]}
 
     def needs_calibration(self, config: QuantizeConfig) -> bool:
         if config.algorithm == "gptq":
@@ -502,5 +609,7 @@ __all__ = [
     "format_from_spec",
     "format_spec",
     "quantize_",
+    "grid_sites",
     "rebuild_quantized_",
+    "use_grids_",
 ]

@@ -33,6 +33,7 @@ STEP_MODULES: tuple[str, ...] = (
     "vitcompress.steps.lowrank",
     "vitcompress.steps.prune",
     "vitcompress.steps.finetune",
+    "vitcompress.steps.smooth",
     "vitcompress.steps.quantize",
     "vitcompress.steps.noise",
 )
