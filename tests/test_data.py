@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -381,3 +382,54 @@ def test_cifar10_refuses_malicious_pickle(tmp_path):
     with pytest.raises(VitcompressError, match=r"refusing to unpickle .*system.*data_batch_2"):
         load_data(f"cifar10:{tmp_path}")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- bounded inputs
+
+
+def _peak_bytes(fn, *args) -> tuple[object, int]:
+    """(fn's result or the VitcompressError it raised, the peak bytes traced meanwhile)."""
+    tracemalloc.start()
+    try:
+        out = fn(*args)
+    except VitcompressError as e:
+        out = e
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return out, peak
+
+
+def test_idx_header_is_bounded_before_anything_is_inflated(tmp_path):
+    huge = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 100_000, 100_000, 100_000)  # 10^15
+    bomb = gzip.compress(_idx_bytes(np.zeros(1000, np.uint8))[:8] + b"\0" * 50_000_000)
+    cases = {
+        "huge.idx": huge,  # a header claiming 10^15 values, refused before reading on
+        "huge.gz": gzip.compress(huge),
+        "bomb.gz": bomb,  # 1000 values promised, 50 MB inflated: stopped after 1001
+        "junk.gz": gzip.compress(_idx_bytes(np.zeros(4, np.uint8))) + b"junk",
+        "wide.idx": bytes([0, 0, 0x0E, 2]) + struct.pack(">2I", 2**32 - 1, 2**32 - 1),
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        err, peak = _peak_bytes(fm.read_idx, tmp_path / name)
+        assert isinstance(err, VitcompressError) and name in str(err), (name, err)
+        assert "\n" not in str(err)
+        assert peak < 2 * len(data) + (1 << 20), (name, peak)  # nothing expanded
+    with pytest.raises(VitcompressError, match="claims shape"):
+        fm.idx_shape(tmp_path / "huge.gz")
+    assert "has trailing bytes" in str(_peak_bytes(fm.read_idx, tmp_path / "bomb.gz")[0])
+
+
+def test_idx_gzip_members_and_padding_read_as_gzip_does(tmp_path):
+    arr = np.arange(3 * 5, dtype=np.uint8).reshape(3, 5)
+    raw = _idx_bytes(arr)
+    two = gzip.compress(raw[:7]) + gzip.compress(raw[7:])  # two members: one stream
+    for data in (two, gzip.compress(raw) + b"\0" * 9):
+        assert np.array_equal(fm.parse_idx(data), arr)
+        assert np.array_equal(fm.parse_idx(data), fm.parse_idx(gzip.decompress(data)))
+
+
+def test_idx_reader_refuses_a_fifo(tmp_path):
+    os.mkfifo(tmp_path / "train-images-idx3-ubyte")
+    with pytest.raises(VitcompressError, match="not a regular file"):
+        fm.read_idx(tmp_path / "train-images-idx3-ubyte")  # instead of blocking for ever
