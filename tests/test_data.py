@@ -18,7 +18,7 @@ from PIL import Image
 from vitcompress.data import DataInfo, cifar10, data_info, load_data, make_loader
 from vitcompress.data import fashion_mnist as fm
 from vitcompress.data.cifar10 import read_batch
-from vitcompress.data.imagefolder import image_stats
+from vitcompress.data.imagefolder import image_stats, list_images
 from vitcompress.data.transforms import ImageTransform, crop_shift, normalize, to_channels
 from vitcompress.errors import VitcompressError
 
@@ -515,3 +515,15 @@ def test_cifar10_refuses_a_file_larger_than_a_batch(tmp_path, monkeypatch):
     path.write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}))
     with pytest.raises(VitcompressError, match="more than a CIFAR-10 batch"):
         read_batch(path, 10)
+
+
+def test_imagefolder_skips_special_files_and_folders_named_like_images(tmp_path):
+    _write_folder(tmp_path, n=2)
+    beach = tmp_path / "beach"
+    os.mkfifo(beach / "fifo.png")  # reading it would block training for ever
+    (beach / "folder.png").mkdir()
+    (beach / "broken.png").symlink_to(tmp_path / "missing.png")
+    (beach / "to-fifo.png").symlink_to(beach / "fifo.png")
+    (beach / "link.png").symlink_to(tmp_path / "forest" / "000.png")  # a link to an image: kept
+    found = [p.name for p in list_images(beach)]
+    assert found == ["000.png", "001.png", "link.png"]
