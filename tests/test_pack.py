@@ -448,3 +448,27 @@ def test_decoders_check_blobs_against_what_their_codec_stores():
         unpack_bits(np.zeros(4, np.uint8), 9, 2)
     with pytest.raises(VitcompressError, match="fewer than 33 values"):
         unpack_bits(np.zeros(4, np.uint8), 8, 33)  # was a short array, silently
+
+
+def _all_zeros_file(path, cfg) -> int:
+    """A packed file of ``cfg``'s model with every tensor in the zeros layout (no data: a few
+    KB whatever the model's size); returns the decoded bytes it asks for."""
+    with torch.device("meta"):
+        state = build_model(cfg).state_dict()
+    entries = {k: {"shape": list(v.shape), "dtype": "float32", "layout": "zeros"}
+               for k, v in state.items()}  # fmt: skip
+    header = {"version": 3, "config": {"model": cfg, "compression": []}, "entries": entries,
+              "derived": {}, "mask_of": {}, "blobs": {}}  # fmt: skip
+    _write(path, header, torch.zeros(0, dtype=torch.uint8))
+    return 4 * sum(v.numel() for v in state.values())
+
+
+def test_a_small_file_cannot_decode_to_more_than_its_budget(tiny_vit_cfg, tmp_path):
+    big = {**tiny_vit_cfg, "embed_dim": 2048, "num_heads": 8}  # 200M parameters: 800 MB
+    assert _all_zeros_file(tmp_path / "big", big) > 500 << 20
+    assert (tmp_path / "big").stat().st_size < 64 << 10
+    msg, peak = _load_error(tmp_path / "big")
+    assert "would take" in msg and peak < 16 << 20
+    _all_zeros_file(tmp_path / "small", tiny_vit_cfg)  # the same, small: within the floor
+    model, _ = load_packed(tmp_path / "small")
+    assert all(not p.any() for p in model.parameters())
