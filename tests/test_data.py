@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vitcompress.data import DataInfo, data_info, load_data, make_loader
+from vitcompress.data import DataInfo, cifar10, data_info, load_data, make_loader
 from vitcompress.data import fashion_mnist as fm
-from vitcompress.data.imagefolder import image_stats
+from vitcompress.data.cifar10 import read_batch
+from vitcompress.data.imagefolder import image_stats, list_images
 from vitcompress.data.transforms import ImageTransform, crop_shift, normalize, to_channels
 from vitcompress.errors import VitcompressError
 
@@ -381,3 +383,147 @@ def test_cifar10_refuses_malicious_pickle(tmp_path):
     with pytest.raises(VitcompressError, match=r"refusing to unpickle .*system.*data_batch_2"):
         load_data(f"cifar10:{tmp_path}")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- bounded inputs
+
+
+def _peak_bytes(fn, *args) -> tuple[object, int]:
+    """(fn's result or the VitcompressError it raised, the peak bytes traced meanwhile)."""
+    tracemalloc.start()
+    try:
+        out = fn(*args)
+    except VitcompressError as e:
+        out = e
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return out, peak
+
+
+def test_idx_header_is_bounded_before_anything_is_inflated(tmp_path):
+    huge = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 100_000, 100_000, 100_000)  # 10^15
+    bomb = gzip.compress(_idx_bytes(np.zeros(1000, np.uint8))[:8] + b"\0" * 50_000_000)
+    cases = {
+        "huge.idx": huge,  # a header claiming 10^15 values, refused before reading on
+        "huge.gz": gzip.compress(huge),
+        "bomb.gz": bomb,  # 1000 values promised, 50 MB inflated: stopped after 1001
+        "junk.gz": gzip.compress(_idx_bytes(np.zeros(4, np.uint8))) + b"junk",
+        "wide.idx": bytes([0, 0, 0x0E, 2]) + struct.pack(">2I", 2**32 - 1, 2**32 - 1),
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        err, peak = _peak_bytes(fm.read_idx, tmp_path / name)
+        assert isinstance(err, VitcompressError) and name in str(err), (name, err)
+        assert "\n" not in str(err)
+        assert peak < 2 * len(data) + (1 << 20), (name, peak)  # nothing expanded
+    with pytest.raises(VitcompressError, match="claims shape"):
+        fm.idx_shape(tmp_path / "huge.gz")
+    assert "has trailing bytes" in str(_peak_bytes(fm.read_idx, tmp_path / "bomb.gz")[0])
+
+
+def test_idx_gzip_members_and_padding_read_as_gzip_does(tmp_path):
+    arr = np.arange(3 * 5, dtype=np.uint8).reshape(3, 5)
+    raw = _idx_bytes(arr)
+    two = gzip.compress(raw[:7]) + gzip.compress(raw[7:])  # two members: one stream
+    for data in (two, gzip.compress(raw) + b"\0" * 9):
+        assert np.array_equal(fm.parse_idx(data), arr)
+        assert np.array_equal(fm.parse_idx(data), fm.parse_idx(gzip.decompress(data)))
+
+
+def test_idx_reader_refuses_a_fifo(tmp_path):
+    os.mkfifo(tmp_path / "train-images-idx3-ubyte")
+    with pytest.raises(VitcompressError, match="not a regular file"):
+        fm.read_idx(tmp_path / "train-images-idx3-ubyte")  # instead of blocking for ever
+
+
+def _py2_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch as CIFAR-10's own files hold it: cPickle protocol 2 from Python 2, numpy.core."""
+    g = lambda module, name: b"c" + module + b"\n" + name + b"\n"  # noqa: E731
+    dtype = g(b"numpy", b"dtype") + b"U\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xff"
+    dtype += b"J\xff\xff\xff\xffK\x00tb"
+    array = g(b"numpy.core.multiarray", b"_reconstruct") + g(b"numpy", b"ndarray")
+    array += b"K\x00\x85U\x01b\x87R(K\x01" + b"J" + struct.pack("<i", data.shape[0])
+    array += b"J" + struct.pack("<i", data.shape[1]) + b"\x86" + dtype + b"\x89T"
+    array += struct.pack("<I", data.nbytes) + data.tobytes() + b"tb"
+    items = b"".join(b"J" + struct.pack("<i", y) for y in labels)
+    return b"\x80\x02}(U\x04data" + array + b"U\x06labels](" + items + b"eu."
+
+
+def test_cifar10_reads_the_python2_format_of_the_real_files(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, (3, 3072), dtype=np.uint8)
+    (tmp_path / "data_batch_1").write_bytes(_py2_batch(data, [0, 9, 4]))
+    x, y = read_batch(tmp_path / "data_batch_1", 10)
+    assert torch.equal(x.reshape(3, -1), torch.from_numpy(data)) and y.tolist() == [0, 9, 4]
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+class _Reduce:
+    """Pickles as ``func(*args)`` followed by ``BUILD state`` (when given)."""
+
+    def __init__(self, func, args, state=None) -> None:
+        self.reduced = (func, args) if state is None else (func, args, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's own pickling functions
+_SCALAR = np.float64(0).__reduce__()[0]
+
+PICKLE_BOMBS = {
+    # bytes(2_000_000_000): a few bytes of pickle, 2 GB once called
+    "bytes": b"\x80\x02" + _global("__builtin__", "bytes") + b"J\x00\x94\x35\x77\x85R.",
+    # an empty array of 10^8 elements
+    "reconstruct": pickle.dumps(_Reduce(_RECONSTRUCT, (np.ndarray, (10**8,), b"b"))),
+    # one scalar of a dtype whose items are 2 GB
+    "dtype": pickle.dumps(_Reduce(_SCALAR, (np.dtype("V2000000000"),))),
+    # an object array's state allocates its shape (800 MB) before reading its (empty) list
+    "objects": pickle.dumps(
+        _Reduce(_RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, (10**8,), np.dtype(object), False, []))
+    ),
+    # a thousand lists of the same megabyte: 3 pickle bytes each, 8 MB each once built
+    "copies": b"\x80\x04B\x00\x00\x10\x00" + b"\0" * (1 << 20) + b"\x94("
+    + (_global("builtins", "list") + b"h\x00\x85R") * 1000 + b"t.",
+    # hex of hex of hex ...: each call doubles
+    "codec": b"\x80\x02" + _global("_codecs", "encode") + b"X\x01\x00\x00\x00aX\x03\x00\x00\x00hex"
+    + b"\x86R.",
+    # a tuple nested deep put in a set: hashing it recurses in C without a limit (a crash at
+    # depth 10^6, 1 MB of pickle)
+    "nested": b"\x80\x04\x8f(" + b")" + b"\x85" * 60_000 + b"\x90.",
+    "nested-deeper": b"\x80\x04\x8f(" + b")" + b"\x85" * 1_000_000 + b"\x90.",
+    # NEWOBJ calls cls.__new__ directly, past any check on calls
+    "newobj": b"\x80\x02" + _global("__builtin__", "bytes") + b"J\x00\x94\x35\x77\x85\x81.",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(PICKLE_BOMBS))
+def test_cifar10_pickle_bombs_are_refused_before_they_go_off(tmp_path, kind):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(PICKLE_BOMBS[kind])
+    err, peak = _peak_bytes(read_batch, path, 10)
+    assert isinstance(err, VitcompressError), err
+    assert str(path) in str(err) and "\n" not in str(err)
+    assert peak < 32 << 20  # the budget: 16 MiB plus twice the file
+
+
+def test_cifar10_refuses_a_file_larger_than_a_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar10, "MAX_FILE_BYTES", 1000)
+    path = tmp_path / "test_batch"
+    path.write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}))
+    with pytest.raises(VitcompressError, match="more than a CIFAR-10 batch"):
+        read_batch(path, 10)
+
+
+def test_imagefolder_skips_special_files_and_folders_named_like_images(tmp_path):
+    _write_folder(tmp_path, n=2)
+    beach = tmp_path / "beach"
+    os.mkfifo(beach / "fifo.png")  # reading it would block training for ever
+    (beach / "folder.png").mkdir()
+    (beach / "broken.png").symlink_to(tmp_path / "missing.png")
+    (beach / "to-fifo.png").symlink_to(beach / "fifo.png")
+    (beach / "link.png").symlink_to(tmp_path / "forest" / "000.png")  # a link to an image: kept
+    found = [p.name for p in list_images(beach)]
+    assert found == ["000.png", "001.png", "link.png"]

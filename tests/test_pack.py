@@ -1,7 +1,12 @@
+import json
+import tracemalloc
+import zlib
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from vitcompress.errors import VitcompressError
@@ -9,9 +14,11 @@ from vitcompress.int8 import to_int8_
 from vitcompress.lowrank import LowRankLinear
 from vitcompress.models import build_model
 from vitcompress.pack import (
+    META_KEY,
     bytes_fp32,
     bytes_stored,
     decode_tensor,
+    decode_values,
     encode_tensor,
     load_packed,
     pack_bits,
@@ -326,3 +333,142 @@ def test_refuses_what_it_cannot_rebuild(tiny_vit_cfg, tmp_path):
     odd.extra = nn.Linear(3, 3)  # not part of the model config describes
     with pytest.raises(VitcompressError, match="extra"):
         save_packed(odd, tmp_path / "o", {"model": tiny_vit_cfg})
+
+
+# ---------------------------------------------------------------- corrupt and malicious files
+
+
+def _parts(path) -> tuple[dict, torch.Tensor]:
+    """The header (blob index included) and data of a packed file."""
+    t = load_file(path)
+    return json.loads(zlib.decompress(t["header"].numpy().tobytes())), t["data"]
+
+
+def _write(path, header: dict | bytes, data: torch.Tensor) -> None:
+    """A packed file with this header (a dict, or the raw bytes to compress) and data."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    packed = torch.frombuffer(bytearray(zlib.compress(text, 9)), dtype=torch.uint8)
+    path.write_bytes(st_save({"header": packed, "data": data}, metadata={META_KEY: "3"}))
+
+
+def _load_error(path) -> tuple[str, int]:
+    """(the one-line error load_packed raises, the peak bytes traced meanwhile)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(VitcompressError, match="corrupt packed file") as e:
+            load_packed(path)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert "\n" not in str(e.value)
+    return str(e.value), peak
+
+
+@pytest.fixture
+def packed_int8(tiny_vit_cfg, tmp_path):
+    path = tmp_path / "int8.vcpack"
+    save_packed(_int8_real_24(tiny_vit_cfg), path, {"model": tiny_vit_cfg})
+    return path
+
+
+def _first(header: dict, layout: str) -> str:
+    """The first entry of this layout (or, for "bits", whose values are bit-packed)."""
+    if layout == "bits":
+        entries = header["entries"].items()
+        return next(k for k, e in entries if e.get("elem", {}).get("codec") == "bits")
+    return next(k for k, e in header["entries"].items() if e["layout"] == layout)
+
+
+def test_a_header_that_inflates_past_its_bound_is_refused(packed_int8, tmp_path):
+    _, data = _parts(packed_int8)
+    bomb = tmp_path / "bomb"
+    _write(bomb, b'{"pad": "' + b" " * (200 << 20) + b'"}', data)  # 200 MB of JSON in 200 KB
+    assert bomb.stat().st_size < 1 << 20
+    msg, peak = _load_error(bomb)
+    assert "inflates to more than" in msg and peak < 16 << 20
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        # a constant claiming 10^12 elements: refused before torch.full allocates it
+        (lambda h: h["entries"].update(x={"shape": [10**6, 10**6], "dtype": "int8",
+                                         "layout": "dense",
+                                         "elem": {"codec": "const", "value": 1}}),
+         "would take"),
+        # every blob points at the whole data: each clone would copy it again
+        (lambda h: h["blobs"].update({f"x{i}#v": {"dtype": "uint8", "numel": h["_n"], "offset": 0}
+                                      for i in range(300)}),
+         "lies outside the data"),
+        # one support cloned into a thousand masks
+        (lambda h: h["mask_of"].update({f"m{i}": _first(h, "nm") for i in range(1000)}),
+         "two masks"),
+        # a shape that is not a list of integers, a numel that is not an integer
+        (lambda h: h["entries"][_first(h, "nm")].update(shape=[4, -1]), "shape must be"),
+        (lambda h: next(iter(h["blobs"].values())).update(numel=1e400), "no valid place"),
+        # N:M with M = 0 (a ZeroDivisionError), with positions that do not fit
+        (lambda h: h["entries"][_first(h, "nm")].update(m=0), "N:M layout"),
+        (lambda h: h["entries"][_first(h, "nm")].update(n=3, m=4), "N:M positions need"),
+        # bits: more than 8, or more values than the blob holds
+        (lambda h: h["entries"][_first(h, "bits")].update(elem={"codec": "bits", "bits": 100,
+                                                                "offset": 0}),
+         "1 to 8 bits"),
+        # a codec whose blob is missing (an AttributeError on None)
+        (lambda h: h["entries"][_first(h, "dense")].update(elem={"codec": "top3"}), "top3"),
+        # a stored tensor of another shape than the model's, or not in the model at all
+        (lambda h: h["entries"][_first(h, "zeros")].update(shape=[3, 5]), "the model's"),
+        (lambda h: h["entries"].update(x={"shape": [2], "dtype": "int8", "layout": "zeros"}),
+         "not a tensor of the model"),
+        # sections of the wrong type
+        (lambda h: h.update(mask_of=[]), "'mask_of' is not a mapping"),
+        (lambda h: h["config"].update(model=[]), "AttributeError"),
+    ],
+)  # fmt: skip
+def test_a_corrupt_header_is_refused_before_it_is_expanded(packed_int8, tmp_path, edit, expected):
+    header, data = _parts(packed_int8)
+    header["_n"] = data.numel()  # for the blob case
+    edit(header)
+    del header["_n"]
+    bad = tmp_path / "bad"
+    _write(bad, header, data)
+    msg, peak = _load_error(bad)
+    assert expected in msg and peak < 64 << 20, (msg, peak)
+
+
+def test_decoders_check_blobs_against_what_their_codec_stores():
+    meta, blobs = encode_tensor(torch.randint(-8, 8, (64,), dtype=torch.int8))
+    assert meta["elem"] == {"codec": "bits", "bits": 4, "offset": -8}
+    with pytest.raises(VitcompressError, match="needs 32 stored elements"):
+        decode_tensor(meta, {"v": blobs["v"][:-1]}, [64], torch.int8)
+    with pytest.raises(VitcompressError, match="shape must be"):
+        decode_tensor(meta, blobs, [8, True], torch.int8)
+    with pytest.raises(VitcompressError, match="another codec"):
+        decode_values({"codec": "repeat", "elem": {"codec": "repeat"}}, None, 4, torch.float32)
+    with pytest.raises(VitcompressError, match="1 to 8 bits"):
+        unpack_bits(np.zeros(4, np.uint8), 9, 2)
+    with pytest.raises(VitcompressError, match="fewer than 33 values"):
+        unpack_bits(np.zeros(4, np.uint8), 8, 33)  # was a short array, silently
+
+
+def _all_zeros_file(path, cfg) -> int:
+    """A packed file of ``cfg``'s model with every tensor in the zeros layout (no data: a few
+    KB whatever the model's size); returns the decoded bytes it asks for."""
+    with torch.device("meta"):
+        state = build_model(cfg).state_dict()
+    entries = {k: {"shape": list(v.shape), "dtype": "float32", "layout": "zeros"}
+               for k, v in state.items()}  # fmt: skip
+    header = {"version": 3, "config": {"model": cfg, "compression": []}, "entries": entries,
+              "derived": {}, "mask_of": {}, "blobs": {}}  # fmt: skip
+    _write(path, header, torch.zeros(0, dtype=torch.uint8))
+    return 4 * sum(v.numel() for v in state.values())
+
+
+def test_a_small_file_cannot_decode_to_more_than_its_budget(tiny_vit_cfg, tmp_path):
+    big = {**tiny_vit_cfg, "embed_dim": 2048, "num_heads": 8}  # 200M parameters: 800 MB
+    assert _all_zeros_file(tmp_path / "big", big) > 500 << 20
+    assert (tmp_path / "big").stat().st_size < 64 << 10
+    msg, peak = _load_error(tmp_path / "big")
+    assert "would take" in msg and peak < 16 << 20
+    _all_zeros_file(tmp_path / "small", tiny_vit_cfg)  # the same, small: within the floor
+    model, _ = load_packed(tmp_path / "small")
+    assert all(not p.any() for p in model.parameters())

@@ -56,6 +56,18 @@ VERSION = 3
 READABLE = ("2", "3")
 NM_CANDIDATES = (4, 8, 16)  # group sizes M tried for the N:M layout
 _CHUNK = 1 << 20  # elements per bit-packing chunk (bounds temporary memory)
+# Reading a file bounds what it may expand to before anything is expanded: the header may
+# inflate to at most HEADER_RATIO times the file (at least MIN_HEADER_BYTES, at most
+# MAX_HEADER_BYTES; a real header is a few hundred KB), and the decoded tensors (each counted at
+# 4 bytes an element or more) to at most DECODE_RATIO times the file (at least
+# MIN_DECODE_BYTES). Real files stay well inside: a bit-packed layout stores at least one bit of
+# an fp32 element (32x); only layouts that store nothing (zeros, a constant) go further, and
+# those are biases and zero points, small next to the weights that share their file.
+HEADER_RATIO = 4
+MIN_HEADER_BYTES = 1 << 20
+MAX_HEADER_BYTES = 64 << 20
+DECODE_RATIO = 64
+MIN_DECODE_BYTES = 64 << 20
 
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -105,10 +117,12 @@ def unpack_bits(p: np.ndarray, n: int, length: int) -> np.ndarray:
     (8x faster than expanding every bit to a byte and packing them again).
     """
     p = np.ascontiguousarray(p, dtype=np.uint8)
-    if n == 8:
-        return p[:length].copy()
+    if not 1 <= n <= 8 or length < 0:
+        raise VitcompressError(f"cannot unpack {length} values of {n} bits (1 to 8 bits each)")
     if len(p) * 8 < length * n:
         raise VitcompressError(f"{len(p)} bytes hold fewer than {length} values of {n} bits")
+    if n == 8:
+        return p[:length].copy()
     padded = np.concatenate([p, np.zeros(1, np.uint8)])  # the window of the last value
     mask = (1 << n) - 1
     out = np.empty(length, np.uint8)
@@ -177,16 +191,63 @@ def encode_values(v: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
     return {"codec": "raw"}, v  # float16, bfloat16, float64
 
 
+# codec -> (the blob's dtype, its number of elements for n values); None: no blob
+_CODEC_BLOB = {
+    "f16": ((torch.float16,), lambda n: n),
+    "bf16": ((torch.bfloat16,), lambda n: n),
+    "top3": ((torch.uint8,), lambda n: 3 * n),
+    "bool": ((torch.uint8,), lambda n: -(-n // 8)),
+    "u8view": ((torch.uint8,), lambda n: n),
+    "narrow": ((torch.int16, torch.int32), lambda n: n),
+    "raw": (None, lambda n: n),  # any dtype: the tensor's own
+}
+
+
+def _check_blob(codec: str, blob: torch.Tensor | None, n: int, bits: int = 0) -> None:
+    """Refuse a blob that does not hold exactly what ``codec`` needs for ``n`` values, before
+    anything of size ``n`` is allocated."""
+    if codec == "bits":
+        dtypes, want = (torch.uint8,), -(-n * bits // 8)
+    else:
+        dtypes, count = _CODEC_BLOB[codec]
+        want = count(n)
+    if blob is None:
+        raise VitcompressError(f"codec {codec!r} has no data for its {n} values")
+    if dtypes is not None and blob.dtype not in dtypes:
+        raise VitcompressError(f"codec {codec!r} stores {dtypes[0]}, not {blob.dtype}")
+    if blob.numel() != want:
+        raise VitcompressError(
+            f"codec {codec!r} needs {want} stored elements for {n} values, the file has "
+            f"{blob.numel()}"
+        )
+
+
 def decode_values(
     meta: dict, blob: torch.Tensor | None, n: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Inverse of :func:`encode_values`: ``n`` values of ``dtype``."""
+    """Inverse of :func:`encode_values`: ``n`` values of ``dtype``.
+
+    The blob must hold exactly what the codec stores for ``n`` values (checked before anything
+    is expanded), so a corrupt file is refused instead of allocating what it claims.
+    """
     codec = meta["codec"]
     if codec == "repeat":
+        if not isinstance(meta["elem"], dict) or meta["elem"].get("codec") == "repeat":
+            raise VitcompressError("codec 'repeat' must hold one value of another codec")
         return decode_values(meta["elem"], blob, 1, dtype).expand(n).clone()
     if codec == "const":
         return torch.full((n,), int(meta["value"]), dtype=dtype)
-    if codec == "raw":
+    if codec == "bits":
+        bits = int(meta["bits"])
+        if not 1 <= bits <= 8:
+            raise VitcompressError(f"codec 'bits' stores 1 to 8 bits a value, not {bits}")
+        _check_blob(codec, blob, n, bits)
+        u = unpack_bits(blob.numpy(), bits, n)
+        return (torch.from_numpy(u.astype(np.int64)) + int(meta["offset"])).to(dtype)
+    if codec not in _CODEC_BLOB:
+        raise VitcompressError(f"unknown element codec {codec!r}")
+    _check_blob(codec, blob, n)
+    if codec in ("raw", "narrow"):
         out = blob
     elif codec == "f16":
         out = blob.float()
@@ -196,17 +257,10 @@ def decode_values(
         full = torch.zeros(n, 4, dtype=torch.uint8)
         full[:, 1:] = blob.reshape(n, 3)
         out = full.reshape(-1).view(torch.float32)
-    elif codec == "bits":
-        u = unpack_bits(blob.numpy(), int(meta["bits"]), n)
-        out = torch.from_numpy(u.astype(np.int64)) + int(meta["offset"])
-    elif codec == "narrow":
-        out = blob
     elif codec == "bool":
         out = torch.from_numpy(np.unpackbits(blob.numpy())[:n].astype(bool))
-    elif codec == "u8view":
+    else:  # u8view
         out = blob.view(dtype)
-    else:
-        raise VitcompressError(f"unknown element codec {codec!r}")
     if out.numel() != n:
         raise VitcompressError(f"decoded {out.numel()} values, expected {n}")
     return out.to(dtype)
@@ -321,11 +375,22 @@ def encode_tensor(t: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[di
     return min(cands, key=lambda c: (_blob_bytes(c[1]), c[0]["layout"] != "nm"))
 
 
+def _shape_numel(shape: object) -> int:
+    """The number of elements of a shape read from a file: a list of integers >= 0."""
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
+        raise VitcompressError(f"shape must be a list of integers >= 0, not {str(shape)[:80]}")
+    return math.prod(shape)
+
+
 def decode_tensor(
     meta: dict, blobs: dict[str, torch.Tensor], shape: list[int], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tensor, support)`` from :func:`encode_tensor`'s output."""
-    numel = math.prod(shape)
+    """``(tensor, support)`` from :func:`encode_tensor`'s output.
+
+    Every layout's parameters and stored blobs are checked against ``shape`` before anything
+    of its size is allocated; a mismatch is a :class:`VitcompressError`.
+    """
+    numel = _shape_numel(shape)
     layout = meta["layout"]
     if layout == "zeros":
         support = torch.zeros(numel, dtype=torch.bool)
@@ -342,19 +407,25 @@ def decode_tensor(
         flat = (codes.reshape(groups, -1) * scales.unsqueeze(1)).to(dtype)
         return flat.reshape(shape), torch.ones(shape, dtype=torch.bool)
     if layout == "bitmask":
-        support = torch.from_numpy(np.unpackbits(blobs["m"].numpy())[:numel].astype(bool))
-        if support.numel() != numel:
-            raise VitcompressError("bitmask is shorter than its tensor")
+        m = blobs.get("m")
+        if m is None or m.dtype != torch.uint8 or m.numel() != -(-numel // 8):
+            raise VitcompressError(f"bitmask needs {-(-numel // 8)} bytes for {numel} values")
+        support = torch.from_numpy(np.unpackbits(m.numpy())[:numel].astype(bool))
         k = int(support.sum())
         values = decode_values(meta["elem"], blobs.get("v"), k, dtype)
         flat = _scatter(torch.zeros(numel, dtype=dtype), support, values)
         return flat.reshape(shape), support.reshape(shape)
     if layout == "nm":
-        n, m = int(meta["n"]), int(meta["m"])
+        n, m, idx_bits = int(meta["n"]), int(meta["m"]), int(meta["idx_bits"])
+        if not 1 <= n < m or numel % m or idx_bits != max(1, (m - 1).bit_length()) or m > 256:
+            raise VitcompressError(f"N:M layout {n}:{m} ({idx_bits} bits) does not fit {numel}")
         G = numel // m
-        pos = unpack_bits(blobs["i"].numpy(), int(meta["idx_bits"]), G * n)
+        i = blobs.get("i")
+        if i is None or i.dtype != torch.uint8 or i.numel() != -(-G * n * idx_bits // 8):
+            raise VitcompressError(f"N:M positions need {-(-G * n * idx_bits // 8)} bytes")
+        pos = unpack_bits(i.numpy(), idx_bits, G * n)
         pos = torch.from_numpy(pos.astype(np.int64)).reshape(G, n)
-        if G * m != numel or bool((pos >= m).any()):
+        if bool((pos >= m).any()) or bool((pos[:, 1:] <= pos[:, :-1]).any()):
             raise VitcompressError("N:M positions do not fit their tensor")
         gather = (pos + torch.arange(0, numel, m).unsqueeze(1)).reshape(-1)
         values = decode_values(meta["elem"], blobs.get("v"), G * n, dtype)
@@ -529,7 +600,64 @@ def bytes_fp32(model: nn.Module) -> int:
     return 4 * sum(p.numel() for p in model.parameters())
 
 
-def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _one_line(msg: str) -> str:
+    """An error message from anywhere (a file's text included) as one short line."""
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+def _inflate(raw: bytes, limit: int) -> bytes:
+    """``zlib.decompress(raw)``, refusing (before producing it) more than ``limit`` bytes."""
+    d = zlib.decompressobj()
+    out = d.decompress(raw, limit + 1)
+    if len(out) > limit:
+        raise ValueError(f"its header inflates to more than {limit} bytes (a zlib bomb?)")
+    if not d.eof:
+        raise ValueError("its header is truncated")
+    return out
+
+
+def _elsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _check_header(header: object, limit: int) -> int:
+    """Check the types of the header's sections and what its entries would decode to; returns
+    the bytes left in the decoding budget ``limit``."""
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a mapping")
+    for section in ("config", "entries", "derived", "mask_of"):
+        if not isinstance(header.get(section), dict):
+            raise ValueError(f"its header's {section!r} is not a mapping")
+    cost = 0
+    for key, e in header["entries"].items():
+        if not isinstance(e, dict):
+            raise ValueError(f"entry {key!r} is not a mapping")
+        try:
+            numel = _shape_numel(e["shape"])
+        except VitcompressError as err:
+            raise ValueError(f"entry {key!r}: {err}") from None
+        cost += numel * max(_elsize(_DTYPES[e["dtype"]]), 4)
+    masked = list(header["mask_of"].values())
+    for wk in masked:
+        if not isinstance(wk, str) or wk not in header["entries"]:
+            raise ValueError(f"a mask is the support of {str(wk)[:80]!r}, which is not stored")
+        cost += _shape_numel(header["entries"][wk]["shape"])
+    if len(set(masked)) != len(masked):
+        raise ValueError("two masks are the support of the same tensor")
+    if cost > limit:
+        raise ValueError(
+            f"its tensors would take {cost:,} bytes, more than a file of this size can hold "
+            f"({limit:,})"
+        )
+    return limit - cost
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor], int]:
+    """``(header, blobs, decoding budget left)`` of a packed file, checked before anything is
+    expanded: the header inflates to a bounded size, every blob lies inside the data and no
+    byte serves two blobs, and the entries decode to at most :data:`DECODE_RATIO` times the
+    file's size (:data:`MIN_DECODE_BYTES` at least)."""
     if not path.is_file():
         raise VitcompressError(f"packed file not found: {path}")
     try:
@@ -543,23 +671,57 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if meta.get(META_KEY) not in READABLE:
             raise VitcompressError(f"{path}: not a vitcompress packed file (version {VERSION})")
         tensors = st_load(data)
-        header = json.loads(zlib.decompress(tensors["header"].numpy().tobytes()))
+        header_limit = min(max(HEADER_RATIO * len(data), MIN_HEADER_BYTES), MAX_HEADER_BYTES)
+        header = json.loads(_inflate(tensors["header"].numpy().tobytes(), header_limit))
+        left = _check_header(header, max(DECODE_RATIO * len(data), MIN_DECODE_BYTES))
         flat = tensors["data"]
-        blobs = {}
+        if flat.dtype != torch.uint8 or flat.dim() != 1:
+            raise ValueError("its data is not a 1-D uint8 tensor")
+        blobs, used = {}, 0
         for k, b in header.pop("blobs").items():
             dt = _DTYPES[b["dtype"]]
-            nbytes = int(b["numel"]) * torch.empty(0, dtype=dt).element_size()
-            start = int(b["offset"])
-            if start < 0 or start + nbytes > flat.numel():
+            numel, start = b["numel"], b["offset"]
+            if type(numel) is not int or type(start) is not int or numel < 0 or start < 0:
+                raise ValueError(f"blob {k!r} has no valid place in the data")
+            nbytes = numel * _elsize(dt)
+            used += nbytes
+            if start + nbytes > flat.numel() or used > flat.numel():
                 raise ValueError(f"blob {k!r} lies outside the data")
             blobs[k] = flat[start : start + nbytes].clone().view(dt)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError,
-            zlib.error) as e:  # fmt: skip
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise VitcompressError(f"corrupt packed file {path}: {msg}") from None
-    if not isinstance(header, dict) or str(header.get("version")) not in READABLE:
+            OverflowError, RecursionError, zlib.error) as e:  # fmt: skip
+        raise VitcompressError(
+            f"corrupt packed file {path}: {_one_line(str(e)) or type(e).__name__}"
+        ) from None
+    if str(header.get("version")) not in READABLE:
         raise VitcompressError(f"{path}: not a vitcompress packed file (version {VERSION})")
-    return header, blobs
+    return header, blobs, left
+
+
+def _check_against_model(header: dict, model: nn.Module, budget: int) -> None:
+    """Every stored tensor has the shape of the model's own (codes: of the weight they derive),
+    and the derived weights fit in what is left of the decoding budget: checked on the meta
+    model, before anything is decoded."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    for key, spec in header["derived"].items():
+        if not isinstance(spec, dict) or key not in want:
+            raise VitcompressError(f"derived tensor {key!r} is not a tensor of the model")
+        m = modules.get(spec.get("module"))
+        if m is None or not callable(getattr(m, "derived_weight", None)):
+            raise VitcompressError(f"{key!r} is derived by a module that cannot derive it")
+        if "codes" in spec:
+            want.setdefault(spec["codes"], want[key])
+        budget -= math.prod(want[key]) * max(_elsize(_DTYPES[spec["dtype"]]), 4)
+    if budget < 0:
+        raise VitcompressError("its derived weights take more than a file of this size can hold")
+    for key, e in header["entries"].items():
+        if key not in want:
+            raise VitcompressError(f"{key!r} is not a tensor of the model")
+        if tuple(e["shape"]) != want[key]:
+            raise VitcompressError(
+                f"{key!r} has shape {tuple(e['shape'])}, the model's {want[key]}"
+            )
 
 
 def legacy_records(s: dict) -> list[dict]:
@@ -592,7 +754,7 @@ def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
         VitcompressError: a missing, truncated or corrupt file (one line).
     """
     path = Path(path)
-    header, blobs = _read(path)
+    header, blobs, budget = _read(path)
     try:
         config = header["config"]
         records = config["compression"] if header["version"] >= 3 else None
@@ -601,6 +763,7 @@ def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
         with torch.device("meta"):  # no memory and no random init for weights about to load
             model = build_model(config["model"])
             rebuild_structure_(model, records, str(path))
+        _check_against_model(header, model, budget)
         state: dict[str, torch.Tensor] = {}
         supports: dict[str, torch.Tensor] = {}
         grouped = _group_blobs(blobs)
@@ -624,9 +787,10 @@ def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
         if left:
             raise VitcompressError(f"{left[0]} is not in the file")
     except VitcompressError as e:
-        raise VitcompressError(f"corrupt packed file {path}: {e}") from None
-    except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise VitcompressError(f"corrupt packed file {path}: {_one_line(str(e))}") from None
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError,
+            OverflowError, ZeroDivisionError, RecursionError) as e:  # fmt: skip
+        msg = _one_line(str(e)) or type(e).__name__
         raise VitcompressError(f"corrupt packed file {path}: {type(e).__name__}: {msg}") from None
     model.eval()
     return model, config

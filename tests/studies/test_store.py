@@ -1,9 +1,13 @@
 """The results store: one row per run id, old files upgraded, readable without the runner."""
 
+import re
 import sqlite3
 import subprocess
 import sys
 
+import pytest
+
+from vitcompress.errors import VitcompressError
 from vitcompress.studies.store import DB_NAME, ROW_FIELDS, connect, read_results, size_band, upsert
 
 
@@ -50,3 +54,39 @@ def test_reading_results_imports_neither_torch_nor_the_runner():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _foreign(path):
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE notes (id INTEGER, text TEXT)")
+    con.commit()
+    con.close()
+
+
+def _foreign_runs(path):
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE runs (name TEXT, score REAL)")  # another program's "runs"
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda p: p.write_bytes(b"\x00garbage" * 500), "file is not a database"),
+        (lambda p: p.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000), "not a database"),
+        (lambda p: p.mkdir(), "unable to open|no results file at"),  # read: a folder is OUT
+        (_foreign, "no 'runs' table; its tables: notes"),
+        (_foreign_runs, "'runs' table not keyed by 'id'"),
+    ],
+)
+def test_a_corrupt_or_foreign_results_file_is_a_one_line_error(tmp_path, make, expected):
+    path = tmp_path / DB_NAME
+    make(path)
+    before = path.read_bytes() if path.is_file() else None
+    for read in (connect, read_results):
+        with pytest.raises(VitcompressError, match=re.escape(str(path))) as e:
+            read(path)
+        assert re.search(expected, str(e.value)) and "\n" not in str(e.value)
+    if before is not None:
+        assert path.read_bytes() == before  # another program's file is left as it was

@@ -3,13 +3,13 @@
 Each batch is a dict with ``b"data"`` (uint8 N x 3072: 1024 red, 1024 green, 1024 blue values,
 rows of 32) and ``b"labels"``; ``batches.meta`` holds ``b"label_names"``. Pickle can run any
 code it names, so the files are read with an unpickler that builds only numpy arrays, dtypes and
-plain containers: anything else is refused before it is called.
+plain containers, and no more of them than a real batch needs: anything else is refused before it
+is called or built (:mod:`vitcompress.data.safe_pickle`).
 """
 
 from __future__ import annotations
 
-import codecs
-import pickle
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitcompress.data.safe_pickle import PickleRefused, restricted_loads
 from vitcompress.errors import VitcompressError
 
 BATCH_DIR = "cifar-10-batches-py"
@@ -26,56 +27,43 @@ META_FILE = "batches.meta"
 # per-channel mean and std over all pixels of the 50,000 training images, on the 0..1 scale
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-
-
-def _allowed() -> dict[tuple[str, str], Any]:
-    try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray, numeric
-    table: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
-    for pkg in ("numpy.core", "numpy._core"):  # the name depends on the numpy that wrote the file
-        table[(f"{pkg}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        table[(f"{pkg}.multiarray", "scalar")] = multiarray.scalar
-        table[(f"{pkg}.numeric", "_frombuffer")] = numeric._frombuffer
-    for mod in ("builtins", "__builtin__"):
-        for t in (bytes, bytearray, list, dict, tuple, set, frozenset, int, float, complex, str):
-            table[(mod, t.__name__)] = t
-    table[("_codecs", "encode")] = codecs.encode  # how protocol 2 spells bytes from Python 3
-    return table
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    _table: dict[tuple[str, str], Any] | None = None
-
-    def __init__(self, file: Any, path: Path) -> None:
-        super().__init__(file, encoding="bytes")
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if _SafeUnpickler._table is None:
-            _SafeUnpickler._table = _allowed()
-        try:
-            return _SafeUnpickler._table[(module, name)]
-        except KeyError:
-            raise VitcompressError(
-                f"refusing to unpickle {module}.{name} from {self.path}: a CIFAR-10 batch holds "
-                "only numpy arrays and plain containers"
-            ) from None
+# A batch file is 31 MB (10000 x 3072 bytes and the labels); one 8x larger is not a batch.
+MAX_FILE_BYTES = 256 << 20
+BUILD_RATIO = 2  # what unpickling may build: bytes per byte of file, beyond BUILD_SLACK
+BUILD_SLACK = 16 << 20
 
 
 def safe_load(path: Path) -> Any:
-    """Unpickle ``path`` with the restricted unpickler (bytes keys, as the files were written)."""
+    """Unpickle ``path`` with the restricted unpickler (bytes keys, as the files were written):
+    numpy arrays and plain containers only, and no more of them than :data:`BUILD_RATIO` times
+    the file's size plus :data:`BUILD_SLACK` (a real batch builds about its own size)."""
     try:
-        with path.open("rb") as f:
-            return _SafeUnpickler(f, path).load()
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read for ever
+            raise VitcompressError(f"cannot read {path}: not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise VitcompressError(
+                f"cannot read {path}: {st.st_size:,} bytes, more than a CIFAR-10 batch "
+                f"({MAX_FILE_BYTES >> 20} MiB at most)"
+            )
+        raw = path.read_bytes()
+        budget = BUILD_RATIO * len(raw) + BUILD_SLACK
+        return restricted_loads(raw, str(path), "a CIFAR-10 batch", budget)
+    except PickleRefused as e:
+        msg = str(e) if str(path) in str(e) else f"{e} (in {path})"
+        raise VitcompressError(_one_line(msg)) from None
     except VitcompressError:
         raise
     except Exception as e:  # any failure to unpickle means the same thing: not a CIFAR batch
-        raise VitcompressError(f"cannot read {path}: not a CIFAR-10 python pickle ({e})") from None
+        detail = _one_line(f"{type(e).__name__}: {e}")
+        raise VitcompressError(
+            f"cannot read {path}: not a CIFAR-10 python pickle ({detail})"
+        ) from None
+
+
+def _one_line(msg: str, limit: int = 300) -> str:
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 def resolve_dir(root: Path) -> Path:

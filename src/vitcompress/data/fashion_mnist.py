@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -44,14 +45,38 @@ FILES = {
 
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _GZIP_MAGIC = b"\x1f\x8b"
+# The values an IDX file may hold: Fashion-MNIST's largest is 47 MB (60000 x 28 x 28), so 4 GiB
+# is generous and still refuses a header that claims 10^12 values before anything is allocated
+# (or decompressed: a gzip stream is inflated only as far as its header promises).
+MAX_IDX_BYTES = 4 << 30
+_READ_CHUNK = 16 << 20  # bytes inflated per step: memory grows with what the stream really holds
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if raw[:2] == _GZIP_MAGIC else raw
-    except (OSError, EOFError, zlib.error) as e:  # a truncated gzip stream ends in EOFError
-        raise VitcompressError(f"cannot read {path}: {e}") from None
+class _Gunzip:
+    """Bounded reads from a gzip stream (one or more members, as ``gzip.decompress`` reads)."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.d = zlib.decompressobj(wbits=31)
+        self.rest = raw
+
+    def read(self, n: int) -> bytearray:
+        """Up to ``n`` decompressed bytes; fewer only at the end of the stream."""
+        out = bytearray()
+        while len(out) < n:
+            if self.d.eof:
+                tail = self.d.unused_data
+                if not tail.strip(b"\0"):  # the end (zero padding is allowed, as gzip does)
+                    break
+                if tail[:2] != _GZIP_MAGIC:
+                    raise zlib.error("trailing bytes after the gzip stream")
+                self.d, self.rest = zlib.decompressobj(wbits=31), tail
+            before = len(self.rest)
+            chunk = self.d.decompress(self.rest, min(n - len(out), _READ_CHUNK))
+            self.rest = self.d.unconsumed_tail
+            if not chunk and not self.d.eof and len(self.rest) == before:
+                raise EOFError("compressed file ended before the end-of-stream marker")
+            out += chunk
+        return out
 
 
 def _parse_header(raw: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
@@ -65,29 +90,75 @@ def _parse_header(raw: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], in
     if len(raw) < start:
         raise VitcompressError(f"{path} is truncated: its IDX header needs {start} bytes")
     shape = struct.unpack(f">{ndim}I", raw[4:start])
-    return np.dtype(_IDX_DTYPES[raw[2]]), shape, start
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    if math.prod(shape) * dtype.itemsize > MAX_IDX_BYTES:
+        raise VitcompressError(
+            f"{path}: its IDX header claims shape {shape} of {dtype.name}, more than "
+            f"{MAX_IDX_BYTES >> 30} GiB (a corrupt header?)"
+        )
+    return dtype, shape, start
+
+
+def _from_header(
+    dtype: np.dtype,
+    shape: tuple[int, ...],
+    data: bytes | bytearray | memoryview,
+    holds: str,
+    path: Path,
+) -> np.ndarray:
+    """The array from its header and data; ``holds``: the data bytes the file has, when they
+    are not exactly the header's (else empty)."""
+    want = math.prod(shape) * dtype.itemsize
+    if holds:
+        problem = "is truncated" if len(data) < want else "has trailing bytes"
+        raise VitcompressError(
+            f"{path} {problem}: its IDX header says shape {tuple(shape)} "
+            f"({want} bytes of data), the file holds {holds}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def parse_idx(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:
-    """The array an IDX byte string holds (native byte order, a writable copy)."""
-    dtype, shape, start = _parse_header(raw, Path(path))
-    want = math.prod(shape) * dtype.itemsize
-    got = len(raw) - start
-    if got != want:
-        problem = "is truncated" if got < want else "has trailing bytes"
-        raise VitcompressError(
-            f"{path} {problem}: its IDX header says shape {tuple(shape)} "
-            f"({want} bytes of data), the file holds {got}"
+    """The array an IDX byte string holds (native byte order, a writable copy).
+
+    A gzip-compressed string (told apart by content) is inflated only as far as its header
+    promises, so a stream that inflates to more is refused without being inflated.
+    """
+    path = Path(path)
+    if raw[:2] != _GZIP_MAGIC:
+        dtype, shape, start = _parse_header(raw, path)
+        want = math.prod(shape) * dtype.itemsize
+        got = len(raw) - start
+        return _from_header(
+            dtype, shape, memoryview(raw)[start:], "" if got == want else str(got), path
         )
-    return (
-        np.frombuffer(raw, dtype=dtype, offset=start).reshape(shape).astype(dtype.newbyteorder("="))
-    )
+    try:
+        stream = _Gunzip(raw)
+        head = stream.read(4)
+        head += stream.read(4 * head[3]) if len(head) == 4 else b""
+        dtype, shape, _ = _parse_header(head, path)
+        want = math.prod(shape) * dtype.itemsize
+        data = stream.read(want)
+        more = len(data) == want and stream.read(1)
+    except (EOFError, zlib.error) as e:  # a truncated gzip stream ends in EOFError
+        raise VitcompressError(f"cannot read {path}: {e}") from None
+    holds = str(len(data)) if len(data) < want else f"more than {want}" if more else ""
+    return _from_header(dtype, shape, data, holds, path)
 
 
 def read_idx(path: Path | str) -> np.ndarray:
     """Read an IDX file, gzip-compressed or not (told apart by content, not by name)."""
     path = Path(path)
-    return parse_idx(_read_bytes(path), path)
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read for ever
+            raise VitcompressError(f"cannot read {path}: not a regular file")
+        if st.st_size > MAX_IDX_BYTES + 4 + 4 * 255:
+            raise VitcompressError(f"{path}: larger than {MAX_IDX_BYTES >> 30} GiB of IDX data")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise VitcompressError(f"cannot read {path}: {e}") from None
+    return parse_idx(raw, path)
 
 
 def idx_shape(path: Path | str) -> tuple[int, ...]:

@@ -4,8 +4,9 @@ Layouts:
     PATH/<class>/**/*.jpg                    split here: per class, ``val_fraction`` held out
     PATH/train/<class>/..., PATH/val/<class>/...  (or ``test/``; ``val/`` wins if both exist)
 
-Files are images when their extension is one of ``IMAGE_EXTENSIONS`` (any case); anything else
-(``.txt``, ``Thumbs.db``, ``.DS_Store``, ...) is skipped, and so are hidden files and folders.
+Files are images when their extension is one of ``IMAGE_EXTENSIONS`` (any case) and they are
+regular files (or links to one); anything else (``.txt``, ``Thumbs.db``, ``.DS_Store``, a FIFO or
+a folder named ``x.png``, a broken link, ...) is skipped, and so are hidden files and folders.
 Class names are the folder names, sorted. Images are converted to RGB (alpha dropped, palette
 transparency too) or to gray luminance when one channel is asked for, and resized to a square of
 ``img_size`` with PIL's bilinear filter (aspect ratio is not kept). EXIF rotation is applied.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -39,14 +41,26 @@ STATS_MIN = 50
 Sample = tuple[Path, int]
 
 
+def _is_regular_file(path: Path) -> bool:
+    """A regular file, or a symlink to one: not a FIFO (reading one blocks for ever), socket,
+    device, directory or broken link, whatever its name."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted; hidden entries and non-images skipped."""
+    """Image files under ``folder`` (recursive), sorted; hidden entries, non-images and anything
+    that is not a regular file (a FIFO named ``x.png``) skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
-            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / f)
+            path = Path(dirpath) / f
+            if not f.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+                if _is_regular_file(path):
+                    found.append(path)
     return found
 
 

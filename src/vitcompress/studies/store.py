@@ -86,24 +86,62 @@ def _col_type(name: str) -> str:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """A connection to a results file (created if missing): WAL, long busy timeout."""
+    """A connection to a results file (created if missing): WAL, long busy timeout.
+
+    Raises:
+        VitcompressError: the file cannot be opened, is not an SQLite database, or is another
+            program's database (tables, but no ``runs`` table keyed by ``id``): one line.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(str(path), timeout=120, isolation_level=None)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA busy_timeout=120000")
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=FULL")
-    cols = ", ".join(
-        f"{c} {_col_type(c)}" + (" PRIMARY KEY" if c == "id" else "") for c in ROW_FIELDS
-    )
-    con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
-    have = {r["name"] for r in con.execute("PRAGMA table_info(runs)")}
-    for c in ROW_FIELDS:
-        if c not in have:  # a results file from an older version
-            with contextlib.suppress(sqlite3.OperationalError):  # a concurrent sweep added it
-                con.execute(f"ALTER TABLE runs ADD COLUMN {c} {_col_type(c)}")
+    con = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(str(path), timeout=120, isolation_level=None)
+        con.row_factory = sqlite3.Row
+        con.execute("PRAGMA busy_timeout=120000")
+        _check_schema(con, path)  # before anything changes another program's file
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        cols = ", ".join(
+            f"{c} {_col_type(c)}" + (" PRIMARY KEY" if c == "id" else "") for c in ROW_FIELDS
+        )
+        con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+        have = {r["name"] for r in con.execute("PRAGMA table_info(runs)")}
+        for c in ROW_FIELDS:
+            if c not in have:  # a results file from an older version
+                with contextlib.suppress(sqlite3.OperationalError):  # a concurrent sweep added it
+                    con.execute(f"ALTER TABLE runs ADD COLUMN {c} {_col_type(c)}")
+    except (sqlite3.Error, OSError) as e:
+        if con is not None:
+            con.close()
+        raise VitcompressError(f"cannot use results file {path}: {_one_line(e)}") from None
+    except VitcompressError:
+        con.close()
+        raise
     return con
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _check_schema(con: sqlite3.Connection, path: Path) -> None:
+    """Refuse another program's database: tables of its own but no ``runs``, or a ``runs``
+    that is not ours (keyed by ``id``). An empty database is a new results file."""
+    tables = {
+        r["name"]
+        for r in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
+        if not r["name"].startswith("sqlite_")
+    }
+    if not tables:
+        return
+    keys = [r["name"] for r in con.execute("PRAGMA table_info(runs)") if r["pk"]]
+    if keys != ["id"]:
+        found = "a 'runs' table not keyed by 'id'" if "runs" in tables else "no 'runs' table"
+        raise VitcompressError(
+            f"{path} is not a vitcompress results file ({found}; its tables: "
+            f"{', '.join(sorted(tables)[:5])}); ours holds a table 'runs' keyed by 'id'"
+        )
 
 
 def upsert(con: sqlite3.Connection, row: dict) -> None:
@@ -127,7 +165,7 @@ def _decoded(row: sqlite3.Row) -> dict:
     r = dict(row)
     for k in JSON_FIELDS:
         if isinstance(r.get(k), str):
-            with contextlib.suppress(json.JSONDecodeError):
+            with contextlib.suppress(json.JSONDecodeError, RecursionError):  # kept as text
                 r[k] = json.loads(r[k])
     return r
 
@@ -147,6 +185,8 @@ def read_results(path: Path, study: str | None = None) -> list[dict]:
     try:
         q = "SELECT * FROM runs" + (" WHERE study = ?" if study else "") + " ORDER BY rowid"
         return [_decoded(r) for r in con.execute(q, (study,) if study else ())]
+    except sqlite3.Error as e:  # a corrupt page shows only when it is read
+        raise VitcompressError(f"cannot read results file {path}: {_one_line(e)}") from None
     finally:
         con.close()
 
