@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 FMNIST  := /usr/share/datasets/fashion-mnist
 STAMP   := $(VENV)/.installed
 
-.PHONY: install data demo test lint format bench clean
+.PHONY: install data demo test lint format bench zoo clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
+
+# Retrain the shipped models from scratch (hours on 2 CPU cores): scripts/train-zoo.sh.
+zoo: install
+	VC=$(BIN)/vitcompress bash scripts/train-zoo.sh
 
 bench: install
 	$(BIN)/python benchmarks/run.py --append

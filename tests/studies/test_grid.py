@@ -121,3 +121,17 @@ def test_teacher_symbols_resolve_to_directories_only_at_run_time(tmp_path):
     )
     assert run.recipe["steps"][1]["finetune"]["distill"]["teacher"] == f"@baseline:{teacher}"
     assert not teacher_hashes(resolved)
+
+
+def test_a_grid_too_large_to_expand_is_refused_before_expanding():
+    from vitcompress.errors import VitcompressError
+    from vitcompress.studies import expand_study
+    from vitcompress.studies.grid import MAX_RUNS
+
+    axis = list(range(40))
+    doc = {"models": {"v": {"preset": "vit-nano"}}, "recipes": [
+        {"name": "a$x$y$z$w", "grid": {"x": axis, "y": axis, "z": axis, "w": axis},
+         "steps": [{"quantize": {"weights": "int$x", "activations": "$y$z$w"}}]},
+    ]}  # fmt: skip
+    with pytest.raises(VitcompressError, match=f"more than {MAX_RUNS:,} recipes"):
+        expand_study(doc)

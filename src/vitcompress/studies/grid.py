@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -145,12 +146,18 @@ def product(grid_axes: list[Axis]) -> Iterator[tuple[dict[str, Any], dict[str, s
         )
 
 
+# A study is a plan a person reads: a grid past this many recipe combinations (before models and
+# data multiply it) is a mistake, and expanding it would take the machine's memory.
+MAX_RUNS = 20_000
+
+
 def templates(doc: Mapping, src: str) -> list[Template]:
     """(where, template, axes) for every recipe template, checked."""
     recipes = doc.get("recipes")
     if not isinstance(recipes, list) or not recipes:
         raise VitcompressError(f"{src}: 'recipes' must be a non-empty list of recipe templates")
     out = []
+    total = 0
     for i, t in enumerate(recipes):
         where = f"{src}: recipes[{i}]"
         if not isinstance(t, Mapping):
@@ -167,7 +174,13 @@ def templates(doc: Mapping, src: str) -> list[Template]:
         unused = names - uses(t["steps"]) - uses(t["name"])
         if unused:
             raise VitcompressError(f"{where}: grid axis {sorted(unused)[0]!r} is used nowhere")
-        if t_axes and not (names & uses(t["name"])) and len(list(product(t_axes))) > 1:
+        combos = math.prod(len(values) for _, values in t_axes)  # counted, never listed
+        total += combos
+        if total > MAX_RUNS:
+            raise VitcompressError(
+                f"{where}: the study expands to more than {MAX_RUNS:,} recipes; split it"
+            )
+        if t_axes and not (names & uses(t["name"])) and combos > 1:
             raise VitcompressError(f"{where}: the name must use an axis ($axis) to tell runs apart")
         out.append((where, dict(t), t_axes))
     return out
