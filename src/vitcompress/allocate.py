@@ -24,7 +24,7 @@ import copy
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ from tqdm import tqdm
 from vitcompress.config import check_choice
 from vitcompress.cost import model_cost
 from vitcompress.errors import VitcompressError
-from vitcompress.pack import bytes_stored
+from vitcompress.pack import bytes_stored, module_bytes
 from vitcompress.quantize import round_rest_
 from vitcompress.steps.calib import forward_batch, model_device
 from vitcompress.steps.recipe import apply_recipe, parse_recipe
@@ -88,8 +88,8 @@ class Allocation:
     base_cost: float  # every layer as it is, the other parameters in ``rest``
     assignment: dict[str, str]  # layer -> candidate
     rest: str
-    predicted_damage: float
-    predicted_cost: float
+    predicted_damage: float  # summed per-layer damages
+    predicted_cost: float  # measured on the model compressed by the chosen recipe
     table: list[Choice]
 
 
@@ -175,22 +175,26 @@ def sensitivity(
         ref = [_logits(model, b, device).log_softmax(-1) for b in data]
     dense_cost = _cost(model, metric, config, input_shape)
     base = copy.deepcopy(model)
-    round_rest_(base, rest)
+    round_rest_(base, rest)  # every parameter no candidate touches, as the recipe leaves it
     base_cost = _cost(base, metric, config, input_shape)
     table = []
     for name in tqdm(names, desc="sensitivity", leave=False, disable=None):
+        before = module_bytes(base.get_submodule(name)) if metric == "bytes" else 0
         for cand, steps in cands.items():
-            probe = copy.deepcopy(model)
+            probe = copy.deepcopy(base)
+            probe.get_submodule(name).load_state_dict(model.get_submodule(name).state_dict())
             try:
                 if steps:
                     apply_recipe(probe, parse_recipe(_layer_recipe(steps, [name])),
                                  StepContext(calib_loader=data))  # fmt: skip
             except VitcompressError:
                 continue  # a setting this layer cannot take (2:4 of an odd width, ...)
-            # as the recipe does it: the layer compressed, then everything else in ``rest``
-            # (a constant part of every damage, which leaves the choice alone)
-            round_rest_(probe, rest)
-            cost = _cost(probe, metric, config, input_shape) - base_cost
+            layer = probe.get_submodule(name)
+            round_rest_(layer, rest)  # as the recipe's last quantize step does
+            if metric == "bytes":  # tensors pack one by one: the layer's own bytes suffice
+                cost = float(module_bytes(layer) - before)
+            else:
+                cost = _cost(probe, metric, config, input_shape) - base_cost
             table.append(Choice(name, cand, _kl(probe, data, ref), cost))
     return table, dense_cost, base_cost
 
@@ -258,12 +262,23 @@ def allocate(
     table, dense, base = sensitivity(model, calib, config, input_shape, metric, candidates,
                                      layers, batches, rest)  # fmt: skip
     target = parse_budget(budget, metric, dense)
-    assignment = choose(table, target - base)
+    cands = candidates or (CANDIDATES if metric == "bytes" else BOPS_CANDIDATES)
     by = {(c.layer, c.candidate): c for c in table}
-    chosen = [by[(n, k)] for n, k in assignment.items()]
-    return Allocation(metric, target, dense, base, assignment, rest,
-                      sum(c.damage for c in chosen), base + sum(c.cost for c in chosen),
-                      table)  # fmt: skip
+    data = [b for _, b in zip(range(batches), calib, strict=False)]
+    margin = 0.0
+    for _ in range(4):  # the file header grows a little with every compressed layer: check
+        assignment = choose(table, target - base - margin)
+        chosen = [by[(n, k)] for n, k in assignment.items()]
+        alloc = Allocation(metric, target, dense, base, assignment, rest,
+                           sum(c.damage for c in chosen), 0.0, table)  # fmt: skip
+        probe = copy.deepcopy(model)
+        apply_recipe(probe, parse_recipe(allocation_recipe(alloc, "check", cands)),
+                     StepContext(calib_loader=data))  # fmt: skip
+        real = _cost(probe, metric, config, input_shape)
+        if real <= target:
+            return replace(alloc, predicted_cost=real)
+        margin += real - target
+    raise VitcompressError(f"the budget {target:,.0f} cannot be met (best found: {real:,.0f})")
 
 
 def allocation_recipe(

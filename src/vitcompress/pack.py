@@ -492,16 +492,20 @@ def stored_bytes_by_tensor(model: nn.Module, config: dict | None = None) -> dict
     return out
 
 
-def _encode(model: nn.Module, config: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The packed file's header and blobs for ``model``."""
-    for name, m in model.named_modules():
-        if getattr(m, "execution_only", False):
-            raise VitcompressError(
-                f"pack: {name} is a {type(m).__name__}, an execution format; pack the model "
-                "before converting it for execution"
-            )
-    config = {**with_model_config(model, config), "compression": describe_structure(model)}
-    _check_rebuildable(model, config)
+def module_bytes(module: nn.Module) -> int:
+    """The bytes ``module``'s tensors take packed (blobs only: no header), as in a whole file:
+    what one layer adds to ``bytes_stored``, without packing the rest of the model."""
+    _, blobs, _, _ = _encode_tensors(module)
+    return sum(b.numel() * b.element_size() for b in blobs.values())
+
+
+def _join(module: str, attr: str) -> str:
+    """A state-dict key: ``module.attr``, or ``attr`` for the root module itself."""
+    return f"{module}.{attr}" if module else attr
+
+
+def _encode_tensors(model: nn.Module) -> tuple[dict, dict, dict, dict]:
+    """``(entries, blobs, derived, mask_of)`` of every state-dict tensor of ``model``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for k, v in state.items():
         if v.layout != torch.strided or _dtype_name(v.dtype) not in _DTYPES:
@@ -518,7 +522,7 @@ def _encode(model: nn.Module, config: dict) -> tuple[dict, dict[str, torch.Tenso
             if d is None:
                 continue
             how, codes = d
-            key = f"{name}.weight"
+            key = _join(name, "weight")
             spec = {"how": how, "module": name, "dtype": _dtype_name(m.weight.dtype)}
             if codes is not None:
                 ck = f"{key}::codes"
@@ -532,7 +536,7 @@ def _encode(model: nn.Module, config: dict) -> tuple[dict, dict[str, torch.Tenso
     masked = [name for name, m in model.named_modules() if MASK in getattr(m, "_buffers", {})]
     mask_of: dict[str, str] = {}
     for name in masked:
-        wk, mk = f"{name}.weight", f"{name}.{MASK}"
+        wk, mk = _join(name, "weight"), _join(name, MASK)
         if wk in state and wk not in derived and mk in state:
             meta, bl = encode_tensor(state[wk], state[mk])
             dec, support = decode_tensor(meta, bl, list(state[wk].shape), state[wk].dtype)
@@ -548,6 +552,20 @@ def _encode(model: nn.Module, config: dict) -> tuple[dict, dict[str, torch.Tenso
         meta, bl = encode_tensor(v)
         entries[k] = {"shape": list(v.shape), "dtype": _dtype_name(v.dtype), **meta}
         blobs.update({f"{k}#{s}": b for s, b in bl.items()})
+    return entries, blobs, derived, mask_of
+
+
+def _encode(model: nn.Module, config: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The packed file's header and blobs for ``model``."""
+    for name, m in model.named_modules():
+        if getattr(m, "execution_only", False):
+            raise VitcompressError(
+                f"pack: {name} is a {type(m).__name__}, an execution format; pack the model "
+                "before converting it for execution"
+            )
+    config = {**with_model_config(model, config), "compression": describe_structure(model)}
+    _check_rebuildable(model, config)
+    entries, blobs, derived, mask_of = _encode_tensors(model)
     header = {
         "version": VERSION,
         "config": config,
@@ -803,6 +821,7 @@ __all__ = [
     "encode_tensor",
     "legacy_records",
     "load_packed",
+    "module_bytes",
     "pack_bits",
     "save_packed",
     "stored_bytes_by_tensor",
