@@ -37,13 +37,14 @@ def snapshot(root: Path) -> dict[str, str]:
 def run(argv: list[str], cwd: Path, timeout: int = 300) -> tuple[int, str, float]:
     """(exit code, last stderr line, peak RSS in MB) of one command in a fresh process."""
     code = (
-        "import resource, runpy, sys\n"
+        "import sys\n"
         "sys.argv = ['vitcompress', *sys.argv[1:]]\n"
         "try:\n"
         "    from vitcompress.cli import main\n"
         "    rc = main(sys.argv[1:])\n"
         "finally:\n"
-        "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "    hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')]\n"
+        "    peak = int(hwm[0].split()[1]) / 1024 if hwm else float('nan')\n"
         "    print(f'@@peak {peak:.0f}', file=sys.stderr)\n"
         "sys.exit(rc)\n"
     )

@@ -9,22 +9,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import nn
 
+from vitcompress.codecs import decode_tensor, decode_values, encode_tensor, pack_bits, unpack_bits
 from vitcompress.errors import VitcompressError
 from vitcompress.int8 import to_int8_
 from vitcompress.lowrank import LowRankLinear
 from vitcompress.models import build_model
-from vitcompress.pack import (
-    META_KEY,
-    bytes_fp32,
-    bytes_stored,
-    decode_tensor,
-    decode_values,
-    encode_tensor,
-    load_packed,
-    pack_bits,
-    save_packed,
-    unpack_bits,
-)
+from vitcompress.pack import META_KEY, bytes_fp32, bytes_stored, load_packed, save_packed
 from vitcompress.quantize import fake_quant_slices
 from vitcompress.sparse_exec import sparsify_for_inference
 from vitcompress.sparsity import get_masks

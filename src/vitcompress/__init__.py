@@ -27,9 +27,9 @@ from vitcompress.errors import VitcompressError
 # public name -> the module that defines it
 _API = {
     # models in and out
-    "from_pretrained": "vitcompress.workflows",
-    "import_model": "vitcompress.workflows",
-    "data_loaders": "vitcompress.workflows",
+    "from_pretrained": "vitcompress.imports",
+    "import_model": "vitcompress.imports",
+    "data_loaders": "vitcompress.imports",
     "load_run": "vitcompress.runs",
     "save_run": "vitcompress.runs",
     "save_pretrained": "vitcompress.runs",
@@ -66,7 +66,7 @@ _API = {
     "train_run": "vitcompress.workflows",
     "evaluate_run": "vitcompress.workflows",
     "compress_run": "vitcompress.workflows",
-    "import_run": "vitcompress.workflows",
+    "import_run": "vitcompress.imports",
     "run_sweep": "vitcompress.studies",
 }
 

@@ -115,7 +115,7 @@ def _metrics_line(m: dict) -> str:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from vitcompress.workflows import import_run
+    from vitcompress.imports import import_run
 
     sizes = {"num_heads": args.num_heads} if args.num_heads else {}
     m = import_run(
