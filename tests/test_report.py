@@ -209,6 +209,19 @@ def _store(out, rows) -> None:
     con.close()
 
 
+def test_findings_come_first_with_a_verdict_each(report):
+    _, html_path = report
+    text = html_path.read_text()
+    start = text.index("The reference studies' findings")
+    assert start < text.index("Best runs per size band") < text.index("<figure>")
+    table = text[start : text.index("</table>", start)]
+    for key in ("A1", "A2", "A3", "A4", "A5", "A6", "B1a", "B1b"):
+        assert f"<b>{key}</b>" in table
+    assert len(re.findall(r"class='verdict (holds|fails|nm)'", table)) == 8
+    # one size per family in these rows: A3's comparison of sizes cannot be made
+    assert "one size per family" in table
+
+
 def test_results_csv_has_one_plain_row_per_run(report):
     out, _ = report
     with open(out / "results.csv", newline="") as f:
@@ -261,7 +274,7 @@ def test_a_smoke_study_leaves_out_what_it_did_not_run_and_says_its_images(tmp_pa
     assert "Not in this report" in text and "no SVD (low-rank) or dynamic INT8 run" in text
     # the images: the study's limit, never "the full test split"
     assert "the first 512 images (the study's <code>limit</code>) for all 4" in text
-    assert "full split" not in text
+    assert "full split" not in text and "On 512 test images" in text
     # the spread: median and p90 both shown, the busy row flagged
     assert "ms b1 p90" in text and "Latency measured on a loaded machine" in text
     assert "1 of 4 runs have a p90 latency more than 1.5x" in text

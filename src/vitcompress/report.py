@@ -1,9 +1,10 @@
-"""The report of a sweep: the reference studies' figures on its own results, and one HTML page.
+"""The report of a sweep: the reference studies' findings and figures on its own results.
 
 ``build_report(DIR)`` reads ``DIR/results.sqlite`` and writes PNGs to ``DIR/plots/``, the rows
 as ``results.json`` and ``results.csv``, and a self-contained ``DIR/report.html`` (the PNGs
 embedded, no network): what the numbers are (test images per run, latency spread, a warning
-when the machine was loaded), and the figures:
+when the machine was loaded), each finding of the two reference studies with this sweep's
+numbers and a verdict (``vitcompress.findings``), and the figures:
 
 - ``formats.png``: top-1 per number format (dense models, no retraining), one group per model
   (study A's first figure);
@@ -711,7 +712,16 @@ tr.failed td{background:#fee}tr.running td{background:#ffd}td.loaded{background:
 img{max-width:100%;border:1px solid #ddd}figure{margin:1.5em 0}
 figcaption{font-weight:600;margin-bottom:.4em}.small{color:#666;font-size:12px}
 .warn{background:#fff4d6;border:1px solid #e0b84c;padding:.6em 1em;margin:1em 0}
+table.findings{font-size:14px;width:100%;table-layout:fixed}
+table.findings td{vertical-align:top;padding:6px}
+table.findings th{cursor:default}.verdict{font-weight:700;white-space:nowrap}
+.holds{color:#116b2a;background:#e6f4ea}.fails{color:#b3261e;background:#fce8e6}
+.nm{color:#555;background:#f1f3f4}
+.tag{font-weight:400;font-size:12px;color:#7a5b00;margin-top:.3em}
+details summary{cursor:pointer;color:#335;font-size:12px}details div{font-size:12px}
 """
+
+_VERDICT_CLASS = {"holds": "holds", "does not hold": "fails", "not measured": "nm"}
 
 
 def _cell(r: dict, key: str, kind: str | None) -> tuple[str, str]:
@@ -808,10 +818,47 @@ def _baselines_item(ok: list[dict]) -> str:
     return f"<li>Trained models before compression (baseline top-1, same images): {text}.</li>"
 
 
+def _findings_html(found: list, note: str | None) -> str:
+    from vitcompress.findings import THRESHOLD
+
+    rows = []
+    for f in found:
+        cls = _VERDICT_CLASS.get(f.verdict, "")
+        details = ""
+        if f.details:
+            items = "<br>".join(html.escape(d) for d in f.details)
+            details = (f"<details><summary>{len(f.details)} comparison"
+                       f"{'s' if len(f.details) != 1 else ''}</summary><div>{items}</div>"
+                       "</details>")  # fmt: skip
+        tag = "<div class='tag'>may be noise</div>" if f.caveat else ""
+        caveat = f" <i>{html.escape(f.caveat)}</i>" if f.caveat else ""
+        rows.append(
+            f"<tr><td><b>{html.escape(f.key)}</b></td><td>{html.escape(f.statement)}</td>"
+            f"<td class='verdict {cls}'>{html.escape(f.verdict)}{tag}</td>"
+            f"<td>{html.escape(f.evidence)}{caveat}{details}</td>"
+            f"<td class='small'>{html.escape(f.test)}</td></tr>"
+        )
+    head = ("<tr><th style='width:3em'></th><th style='width:22%'>finding of the reference "
+            "study</th><th style='width:8em'>verdict</th><th style='width:38%'>this sweep's "
+            "numbers</th><th>how it is tested here</th></tr>")  # fmt: skip
+    intro = (
+        "<h2>The reference studies' findings, on this sweep</h2>"
+        f"<p class='small'>A loss is <i>significant</i> when it is more than {THRESHOLD:g} top-1 "
+        "points (pts); <i>not measured</i> means this sweep has no runs that test the finding "
+        "(the reason is given). Study A used RESISC45 and Tiny/Small/Base models, study B "
+        "CIFAR-10 and a 32 M-parameter ViT: a verdict here is about this sweep's data and "
+        "models only." + (f" {html.escape(note)}" if note else "") + "</p>"
+    )
+    body = "".join(rows)
+    return f"{intro}<table class='findings'><thead>{head}</thead><tbody>{body}</tbody></table>"
+
+
 def _html(
     rows: list[dict], images: dict[str, Path], skipped: dict[str, str], source: Path,
-    csv_name: str,
+    found: list, csv_name: str,
 ) -> str:  # fmt: skip
+    from vitcompress.findings import noise_note
+
     studies = sorted({str(r.get("study")) for r in rows})
     counts = {s: sum(1 for r in rows if r.get("status") == s) for s in ("ok", "failed", "running")}
     ok = [r for r in rows if r.get("status") == "ok" and r.get("top1") is not None]
@@ -842,6 +889,7 @@ def _html(
         "<i>one-shot</i>: no retraining. Figures mark the two apart (filled / hollow markers, "
         "<i>ft</i> in the heat map).</li></ul>",
         _latency_warning(rows, warn),
+        _findings_html(found, noise_note(ok)),
         "<h2>Best runs per size band (top-1)</h2>",
     ]
     keep = ("model", "recipe", "tuning", "top1", "images", "bytes_stored", "ratio",
@@ -884,6 +932,8 @@ def _csv_rows(rows: list[dict]) -> list[dict]:
 def build_report(results_dir: Path) -> Path:
     """Write ``plots/*.png``, ``results.json``, ``results.csv`` and ``report.html`` in
     ``results_dir``; return the HTML path."""
+    from vitcompress.findings import findings
+
     results_dir = Path(results_dir)
     db = results_dir / DB_NAME if results_dir.is_dir() else results_dir
     if not db.is_file():
@@ -917,7 +967,7 @@ def build_report(results_dir: Path) -> Path:
     csv_path = out_dir / "results.csv"
     write_csv(_csv_rows(rows), csv_path, (*CSV_FIELDS, "limit", "samples", "finetuned"))
     report = out_dir / "report.html"
-    report.write_text(_html(rows, images, skipped, db, csv_path.name),
+    report.write_text(_html(rows, images, skipped, db, findings(ok), csv_path.name),
                       encoding="utf-8")  # fmt: skip
     (out_dir / "results.json").write_text(
         json.dumps(
