@@ -459,10 +459,14 @@ def _ordering(
         if m <= 0:
             behind.append(pair)
     clear = sum(m > THRESHOLD for m in margins)
+    spread = (
+        f"margin {_signed(margins[0])} pts"
+        if len(margins) == 1
+        else f"margins {_signed(min(margins))} to {_signed(max(margins))} pts"
+    )
     evidence = (
-        f"{what} in {len(pairs) - len(behind)} of {len(pairs)} pairs ({clear} by more "
-        f"than {THRESHOLD:g} pts); margins {_signed(min(margins))} to "
-        f"{_signed(max(margins))} pts"
+        f"{what} in {len(pairs) - len(behind)} of {_plural(len(pairs), 'pair')} ({clear} by "
+        f"more than {THRESHOLD:g} pts); {spread}"
     )
     caveat = ""
     if behind:

@@ -27,6 +27,7 @@ import base64
 import bisect
 import html
 import json
+import math
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -565,6 +566,11 @@ def place_labels(ax, anchors: list[tuple[float, float]], texts: list[str], obsta
     return out
 
 
+def _num(v: float) -> str:
+    """A cost as people write it: 1,480 and 58.2 and 0.0046, never 1.48e+03."""
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def plot_pareto(rows: list[dict], path: Path, cost: str) -> str | None:
     """Top-1 against ``cost``: colour per model, marker per format, filled when fine-tuned and
     hollow when one-shot; the Pareto front as a dashed step line with ringed, numbered points,
@@ -592,7 +598,7 @@ def plot_pareto(rows: list[dict], path: Path, cost: str) -> str | None:
         r = pts[i]
         c = r[cost] / scale
         ft = " (ft)" if describe(r)["finetuned"] else ""
-        keys.append(f"{n:>2}  {r['model']} {r['recipe']}{ft}  {r['top1'] * 100:.2f} %, {c:,.3g}")
+        keys.append(f"{n:>2}  {r['model']} {r['recipe']}{ft}  {r['top1'] * 100:.2f} %, {_num(c)}")
     height = max(5.4, 0.16 * (len(keys) + len(models) + len(marker)) + 2.6)
     fig = plt.figure(figsize=(13, height))
     grid = fig.add_gridspec(1, 2, width_ratios=(2.5, 1), wspace=0.03)
@@ -614,15 +620,17 @@ def plot_pareto(rows: list[dict], path: Path, cost: str) -> str | None:
     ax.step(fx, fy, where="post", color="k", lw=1.6, ls="--", alpha=0.8, zorder=2)
     ax.scatter(fx, fy, s=150, facecolors="none", edgecolors="k", linewidths=1.0, zorder=4)
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_minor_locator(LogLocator(subs="all"))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     xs_all = [r[cost] / scale for r in pts]
     lo, hi = min(xs_all), max(xs_all)
     if cost == "latency_ms_b1":
         hi = max([hi] + [r["latency_ms_b1_p90"] for r in pts if r.get("latency_ms_b1_p90")])
     ax.set_xlim(lo / 1.25, hi * 1.25)
+    decades = math.log10(hi * 1.25 / (lo / 1.25))  # more labelled ticks on a short axis
+    subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades < 1.3 else (1.0, 2.0, 5.0)
+    ax.xaxis.set_major_locator(LogLocator(subs=subs if decades < 3.5 else (1.0,)))
+    ax.xaxis.set_minor_locator(LogLocator(subs="all"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _num(v)))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     _ylim(ax, [r["top1"] * 100 for r in pts], pad=1.5)
     ax.set_xlabel(xlabel + ("; bar: median to p90" if cost == "latency_ms_b1" else ""))
     ax.set_ylabel("top-1 (%)")
