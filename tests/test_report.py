@@ -1,20 +1,27 @@
 """The report: plots and a self-contained HTML page from a results file."""
 
+import csv
 import re
 import struct
 
 import pytest
 
 from vitcompress.report import (
+    FORMAT_ORDER,
     _kind,
+    _markers,
     best_per_band,
     build_report,
+    concurrent_runs,
     describe,
+    eval_images,
     format_best,
+    latency_warnings,
     pareto_front,
+    place_labels,
     study_b_rows,
 )
-from vitcompress.studies.store import DB_NAME, band_order, connect, size_band, upsert
+from vitcompress.studies.store import DB_NAME, band_order, connect, read_results, size_band, upsert
 
 SPARSITIES = (0.5, 0.75, 0.875, 0.9375, 0.96875)
 
@@ -193,3 +200,134 @@ def test_report_without_results_is_a_one_line_error(tmp_path):
 
     with pytest.raises(VitcompressError, match="no results"):
         build_report(tmp_path)
+
+
+def _store(out, rows) -> None:
+    con = connect(out / DB_NAME)
+    for r in rows:
+        upsert(con, r)
+    con.close()
+
+
+def test_findings_come_first_with_a_verdict_each(report):
+    _, html_path = report
+    text = html_path.read_text()
+    start = text.index("The reference studies' findings")
+    assert start < text.index("Best runs per size band") < text.index("<figure>")
+    table = text[start : text.index("</table>", start)]
+    for key in ("A1", "A2", "A3", "A4", "A5", "A6", "B1a", "B1b"):
+        assert f"<b>{key}</b>" in table
+    assert len(re.findall(r"class='verdict (holds|fails|nm)'", table)) == 8
+    # one size per family in these rows: A3's comparison of sizes cannot be made
+    assert "one size per family" in table
+
+
+def test_results_csv_has_one_plain_row_per_run(report):
+    out, _ = report
+    with open(out / "results.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    rows = read_results(out)
+    assert [g["id"] for g in got] == [r["id"] for r in rows]
+    one = next(g for g in got if g["recipe"] == "cubic93.75-int8")
+    src = next(r for r in rows if r["id"] == one["id"])
+    assert float(one["top1"]) == src["top1"] and int(one["bytes_stored"]) == src["bytes_stored"]
+    assert one["finetuned"] == "True" and one["pattern"] == "unstructured"
+    assert "config" not in one and "traceback" not in one
+    assert next(g for g in got if g["status"] == "failed")["top1"] == ""
+
+
+def test_fine_tuned_and_one_shot_runs_are_marked_in_the_tables(report):
+    _, html_path = report
+    text = html_path.read_text()
+    assert '<th onclick="sortBy(this)">tuning</th>' in text
+    row = text[text.index(">vit-nano-cubic50-fp32-") - 2000 : text.index(">vit-nano-cubic50-fp32-")]
+    assert ">fine-tuned<" in row
+    row = text[text.index(">vit-nano-dense-int8-") - 2000 : text.index(">vit-nano-dense-int8-")]
+    assert ">one-shot<" in row
+
+
+def _smoke_rows(limit: int | None, start: str = "2026-01-01T00:00:0") -> list[dict]:
+    """A smoke-like study: formats, one 2:4 and one cubic run; no SVD, no dynamic INT8."""
+    rows = []
+    for i, (name, steps) in enumerate([
+        ("fp32", [{"quantize": {"weights": "fp32", "activations": None}}]),
+        ("fp16", [{"quantize": {"weights": "fp16", "activations": "fp16"}}]),
+        ("2of4-ft-int8", [{"prune": {"pattern": "2:4"}}, {"finetune": {"max_steps": 4}},
+                          {"quantize": {"weights": "int8", "activations": "int8"}}]),
+        ("cubic75-ft", [{"prune": {"sparsity": 0.75}}, {"finetune": {"max_steps": 4}}]),
+    ]):  # fmt: skip
+        r = _row(i, "vit-nano", name, steps, 0.80 + 0.01 * i, 500_000 - 100_000 * i)
+        r["config"]["limit"] = limit
+        r["started_at"], r["ended_at"] = f"{start}{2 * i}", f"{start}{2 * i + 1}"
+        rows.append(r)
+    return rows
+
+
+def test_a_smoke_study_leaves_out_what_it_did_not_run_and_says_its_images(tmp_path):
+    rows = _smoke_rows(512)
+    rows[1]["latency_ms_b1_p90"] = 3 * rows[1]["latency_ms_b1"]  # a busy machine
+    _store(tmp_path, rows)
+    text = build_report(tmp_path).read_text()
+    drawn = {p.stem for p in (tmp_path / "plots").glob("*.png")}
+    assert "study_b" not in drawn and "formats" in drawn and "sparsity" in drawn
+    assert len(re.findall(r"src='data:image/png;base64,", text)) == len(drawn)
+    assert "Not in this report" in text and "no SVD (low-rank) or dynamic INT8 run" in text
+    # the images: the study's limit, never "the full test split"
+    assert "the first 512 images (the study's <code>limit</code>) for all 4" in text
+    assert "full split" not in text and "On 512 test images" in text
+    # the spread: median and p90 both shown, the busy row flagged
+    assert "ms b1 p90" in text and "Latency measured on a loaded machine" in text
+    assert "1 of 4 runs have a p90 latency more than 1.5x" in text
+    assert text.count("\u26a0") >= 3  # the warning and the two latency cells of the busy row
+
+
+def test_rows_measured_side_by_side_are_flagged_and_rows_apart_are_not():
+    apart = _smoke_rows(None)
+    assert concurrent_runs(apart) == {r["id"]: 0 for r in apart}
+    assert latency_warnings(apart) == {}
+    together = _smoke_rows(None)
+    for r in together:  # four runs over one interval: --jobs 4
+        r["started_at"], r["ended_at"] = "2026-01-01T00:00:00", "2026-01-01T00:00:09"
+    assert set(concurrent_runs(together).values()) == {3}
+    assert all("3 other run(s)" in w for w in latency_warnings(together).values())
+    jobs = _smoke_rows(None)
+    jobs[0]["config"]["jobs"] = 2
+    assert latency_warnings(jobs) == {jobs[0]["id"]: "measured with jobs=2"}
+
+
+def test_each_row_says_how_many_test_images_it_used():
+    r = _smoke_rows(512)[0]
+    assert eval_images(r) == (512, "first 512")
+    assert eval_images({**r, "metrics": {"samples": 500}}) == (500, "500 (limit 512)")
+    assert eval_images({**r, "config": {"limit": None}}) == (None, "full split")
+
+
+def test_mixed_image_counts_are_said_per_group(tmp_path):
+    rows = _smoke_rows(512)[:2] + _smoke_rows(None)[2:]
+    _store(tmp_path, rows)
+    text = build_report(tmp_path).read_text()
+    assert "first 512 images" in text and "for 2 of 4 finished runs" in text
+    assert "the full split (its size is not recorded" in text and "test images</th>" in text
+
+
+def test_every_pareto_front_point_gets_its_own_label():
+    from vitcompress.report import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = [(1.0 + 0.02 * i, 80 + 0.05 * i) for i in range(12)]  # a tight cluster
+    ax.scatter(*zip(*pts, strict=True))
+    ax.set_xlim(0.9, 1.4)
+    ax.set_ylim(79.5, 81)
+    anns = place_labels(ax, pts, [str(i) for i in range(1, 13)])
+    assert [a.get_text() for a in anns] == [str(i) for i in range(1, 13)]
+    r = fig.canvas.get_renderer()
+    boxes = [a.get_window_extent(r) for a in anns]
+    clashes = sum(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    plt.close(fig)
+    assert clashes == 0
+
+
+def test_each_format_has_its_own_marker():
+    m = _markers([*FORMAT_ORDER, "fp6", "int4"])
+    assert len(set(m.values())) == len(m) == len(FORMAT_ORDER) + 2

@@ -256,9 +256,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from vitcompress.findings import findings, format_findings
     from vitcompress.report import build_report
+    from vitcompress.studies.store import read_results
 
     path = build_report(Path(args.results))
+    print(format_findings(findings(read_results(path.parent))))
     print(f"report: {path}")
     return 0
 
