@@ -6,20 +6,15 @@ import struct
 
 import pytest
 
-from vitcompress.report import (
+from vitcompress.plots import _kind, _markers, pareto_front, place_labels, study_b_rows
+from vitcompress.report import build_report, format_best
+from vitcompress.results import (
     FORMAT_ORDER,
-    _kind,
-    _markers,
     best_per_band,
-    build_report,
     concurrent_runs,
     describe,
     eval_images,
-    format_best,
     latency_warnings,
-    pareto_front,
-    place_labels,
-    study_b_rows,
 )
 from vitcompress.studies.store import DB_NAME, band_order, connect, read_results, size_band, upsert
 
@@ -311,7 +306,7 @@ def test_mixed_image_counts_are_said_per_group(tmp_path):
 
 
 def test_every_pareto_front_point_gets_its_own_label():
-    from vitcompress.report import _plt
+    from vitcompress.plots import _plt
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
