@@ -288,6 +288,19 @@ def test_rows_measured_side_by_side_are_flagged_and_rows_apart_are_not():
     jobs = _smoke_rows(None)
     jobs[0]["config"]["jobs"] = 2
     assert latency_warnings(jobs) == {jobs[0]["id"]: "measured with jobs=2"}
+    busy = _smoke_rows(None)
+    busy[1]["metrics"] = {"load_avg_1m": 4.3, "cpus": 2}  # another job had both cores
+    busy[2]["metrics"] = {"load_avg_1m": 2.9, "cpus": 2}  # itself on 2 threads, and a bit more
+    assert latency_warnings(busy) == {busy[1]["id"]: "load average 4.3 on 2 CPUs"}
+
+
+def test_a_run_timed_under_load_is_flagged_in_the_report(tmp_path):
+    rows = _smoke_rows(None)
+    rows[3]["metrics"] = {"load_avg_1m": 6.0, "cpus": 2}
+    _store(tmp_path, rows)
+    text = build_report(tmp_path).read_text()
+    assert "1 of 4 runs were timed while the 1-minute load average was above" in text
+    assert "load average 6.0 on 2 CPUs" in text  # the cell's hover text
 
 
 def test_each_row_says_how_many_test_images_it_used():

@@ -56,6 +56,7 @@ def test_compress_run_with_a_built_in_recipe_writes_a_small_packed_run(trained, 
     assert m["format"] == "int8" and m["recipe"] == "int8-smallest"
     assert abs(m["top1"] - base["top1"]) <= 0.1
     assert evaluate_run(tmp_path / "q")["top1"] == m["top1"]
+    assert m["samples"] == base["samples"] > 0  # the report says how many images each number used
     with pytest.raises(VitcompressError, match="already compressed"):
         compress_run(tmp_path / "q", "int8-smallest", tmp_path / "qq", speed=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -11,6 +12,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitcompress.pack import bytes_stored
 from vitcompress.steps.recipe import Recipe, result_fields, runtime_of
+
+
+def machine_load() -> dict:
+    """The 1-minute load average and the CPUs this process may use, recorded beside every
+    latency: a load well above the CPU count means other work shared the cores, and the report
+    says so next to the number."""
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this platform
+        load = None
+    return {"load_avg_1m": load, "cpus": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity") else os.cpu_count()}  # fmt: skip
 
 
 def params_total(model: nn.Module) -> int:
@@ -106,6 +119,7 @@ def speed_fields(model: nn.Module, recipe: Recipe, input_shape: tuple[int, int, 
     b1 = latency_ms(runnable, input_shape, 1, warmup=3, iters=20, dtype=dtype)
     b32 = latency_ms(runnable, input_shape, 32, warmup=1, iters=5, dtype=dtype)
     return {
+        **machine_load(),
         "runtime": runtime,
         "latency_ms_b1": b1["median_ms"],
         "latency_ms_b1_p90": b1["p90_ms"],

@@ -169,6 +169,12 @@ def _latency_warning(rows: list[dict], warn: dict[str, str]) -> str:
             f"their median (worst: {html.escape(worst['model'])} {html.escape(worst['recipe'])}, "
             f"{worst['latency_ms_b1']:.2f} ms median, {worst['latency_ms_b1_p90']:.2f} ms p90)"
         )
+    busy = [r for r in timed if "load average" in warn.get(r["id"], "")]
+    if busy:
+        parts.append(
+            f"{len(busy)} of {len(timed)} runs were timed while the 1-minute load average was "
+            "above the CPU count plus one: other programs shared the cores"
+        )
     if shared:
         parts.append(
             f"{len(shared)} of {len(timed)} runs ran at the same time as other runs of this "

@@ -179,7 +179,9 @@ def concurrent_runs(rows: list[dict]) -> dict[str, int]:
 
 def latency_warnings(rows: list[dict]) -> dict[str, str]:
     """Why a run's latency may be inflated, by run id: a p90 above ``LOADED_SPREAD`` times the
-    median, a sweep with ``jobs`` > 1 where recorded, or other runs running at the same time."""
+    median, a 1-minute load average above the CPU count plus one (the measuring run itself
+    accounts for up to one CPU's worth of its threads' load), a sweep with ``jobs`` > 1 where
+    recorded, or other runs running at the same time."""
     overlap = concurrent_runs(rows)
     out = {}
     for r in rows:
@@ -189,6 +191,10 @@ def latency_warnings(rows: list[dict]) -> dict[str, str]:
         why = []
         if p90 is not None and med > 0 and p90 > LOADED_SPREAD * med:
             why.append(f"p90 {p90 / med:.1f}x the median")
+        m = r.get("metrics") if isinstance(r.get("metrics"), dict) else {}
+        load, cpus = m.get("load_avg_1m"), m.get("cpus")
+        if isinstance(load, (int, float)) and isinstance(cpus, int) and load > cpus + 1:
+            why.append(f"load average {load:.1f} on {cpus} CPUs")
         jobs = next((d.get("jobs") for d in (r.get("config"), r.get("metrics"))
                      if isinstance(d, dict) and d.get("jobs")), None)  # fmt: skip
         if isinstance(jobs, int) and jobs > 1:

@@ -327,7 +327,7 @@ def train(
             ev = evaluate(model, test_loader, device)
             entry.update({"test_top1": ev["top1"], "test_loss": ev["loss"]})
             if last:
-                metrics.update({k: ev[k] for k in ("top1", "top5", "loss")})
+                metrics.update({k: ev[k] for k in ("top1", "top5", "loss", "samples")})
         entry["wall_s"] = elapsed_before + time.perf_counter() - t_start
         history.append(entry)
         tqdm.write(  # stderr: stdout stays clean for --json output
