@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitcompress import step_cache
 from vitcompress.cost import model_cost
 from vitcompress.errors import VitcompressError
 from vitcompress.fileio import read_json
@@ -440,7 +441,22 @@ def _compress_into(
         seed=seed,
         teacher_for=teacher_for,
     )
-    reports = apply_recipe(model, recipe, ctx)
+    # a run with the same fine-tuned prefix just before (a grid's formats) continues from it
+    cache_context = {
+        "checkpoint": step_cache.checkpoint_identity(checkpoint), "data": data_cfg, "seed": seed,
+        "batch_size": recipe.batch_size(), "device": str(dev),
+    }  # fmt: skip
+    reused, cached, cached_reports = step_cache.lookup(cache_context, recipe)
+    if cached is not None:
+        model = cached
+        ctx.reports.update(cached_reports)
+    n_prefix = step_cache.prefix_len(recipe)
+
+    def keep_prefix(i: int) -> None:
+        if i + 1 == n_prefix and not ctx.deferred:
+            step_cache.store(cache_context, recipe, n_prefix, model, ctx.reports)
+
+    reports = apply_recipe(model, recipe, ctx, start=reused, after_step=keep_prefix)
     model.to(dev)
     metrics = evaluate(model, test_loader, dev)  # top1, top5, loss and the images they used
     model.cpu()
@@ -463,6 +479,7 @@ def _compress_into(
             "recipe_hash": recipe.hash,
             "seed": seed,
             "steps": reports,
+            "steps_reused": reused,
             "wall_s": time.perf_counter() - t0,
         }
     )

@@ -173,14 +173,27 @@ def check_recipe_names(recipe: Recipe, model: nn.Module) -> None:
         step.impl.check_layers(shadow, step.config, f"step {i + 1} ({step.kind})")
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe, ctx: StepContext) -> list[dict]:
+def apply_recipe(
+    model: nn.Module,
+    recipe: Recipe,
+    ctx: StepContext,
+    start: int = 0,
+    after_step: Callable[[int], None] | None = None,
+) -> list[dict]:
     """Apply ``recipe`` to ``model`` in place, step by step; returns what each step did
-    (``[{"step": 1-based index, "kind": ..., **report}]``, in step order)."""
+    (``[{"step": 1-based index, "kind": ..., **report}]``, in step order).
+
+    ``start`` skips steps already applied (their reports in ``ctx.reports``); ``after_step(i)``
+    is called once step ``i`` (0-based) is done."""
     for i, step in enumerate(recipe.steps):
+        if i < start:
+            continue
         report = step.impl.apply(model, step.config, ctx, i)
         if report is not None:
             ctx.reports[i] = report
         enforce_masks_(model)
+        if after_step is not None:
+            after_step(i)
     return [
         {"step": i + 1, "kind": recipe.steps[i].kind, **ctx.reports[i]} for i in sorted(ctx.reports)
     ]
