@@ -4,7 +4,8 @@ weight-only, per channel). For each: top-1 on the run's test split, the change f
 model, the bytes stored (packed), and what the step cost: its wall time and the peak resident
 memory of the process while it ran.
 
-    PYTHONPATH=src python benchmarks/calibrated_methods.py --checkpoint runs/fmnist-vit-nano
+    python benchmarks/calibrated_methods.py --checkpoint zoo:vit-nano-fmnist \
+        --checkpoint zoo:vit-micro-fmnist
 
 Every method runs in a fresh process (``vitcompress.workflows.compress_run``, ``speed=False``)
 so that each peak is its own. The step's time and peak are taken around the recipe's
@@ -72,11 +73,11 @@ def _one(checkpoint: str, name: str, limit: int | None, out: str) -> dict:
     inner = wf.apply_recipe
     cost: dict = {}
 
-    def timed(model, recipe, ctx):
+    def timed(model, recipe, ctx, **kw):
         before = _rss_mb("VmRSS")
         reset = _reset_peak()
         t0 = time.perf_counter()
-        reports = inner(model, recipe, ctx)
+        reports = inner(model, recipe, ctx, **kw)
         cost["step_s"] = time.perf_counter() - t0
         peak = _rss_mb("VmHWM") if reset else None
         if peak is None:  # the whole process's peak (kB on Linux)
@@ -106,7 +107,8 @@ def _dense(checkpoint: str, limit: int | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="a trained (dense) run directory")
+    ap.add_argument("--checkpoint", required=True, action="append",
+                    help="a trained dense run (or zoo:NAME); repeat for several")  # fmt: skip
     ap.add_argument("--limit", type=int, default=None, help="first N images of each split")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     ap.add_argument("--out", default=str(Path(__file__).parent / "CALIBRATED_METHODS.md"))
@@ -114,52 +116,77 @@ def main() -> None:
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(_one(args.checkpoint, args.one, args.limit, args.tmp)))
+        print(json.dumps(_one(args.checkpoint[0], args.one, args.limit, args.tmp)))
         return
     names = [n.strip() for n in args.methods.split(",")]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method {unknown[0]!r}; methods: {', '.join(METHODS)}")
-    dense = _dense(args.checkpoint, args.limit)
-    print(f"dense: top-1 {dense['top1']:.4f} on {dense['samples']} images", flush=True)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:  # a fresh process per method: its own memory peak
-            cmd = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--one", name,
-                   "--tmp", tmp] + (["--limit", str(args.limit)] if args.limit else [])  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
-            r = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append((name, r))
-            print(name, r, flush=True)
     lines = [
         "# One-shot calibrated compression (no fine-tune)",
         "",
         f"Written by `benchmarks/calibrated_methods.py` on "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. Run `{args.checkpoint}`, top-1 on "
-        f"{dense['samples']} test images. Calibration: the run's training images (no "
+        f"{torch.get_num_threads()} threads. Calibration: the run's training images (no "
         "augmentation), batches of 64; GPTQ and SparseGPT read 8 batches (512 images), Wanda "
         "every batch. Pruning: the Linear layers of the encoder blocks; quantization: every "
-        "Linear, weight-only, per channel. Step s and peak MB: the recipe's step alone; peak "
-        "resident memory of the process while it ran (the loaded model and data included, "
-        "+ what the step added).",
-        "",
-        "| method | top-1 | vs dense | bytes stored | step s | peak MB (+ step) |",
-        "|---|---|---|---|---|---|",
-        f"| dense | {dense['top1']:.4f} | | {dense['bytes']:,} | | |",
+        "Linear, weight-only, per channel. *Loss / plain*: the calibrated method's top-1 loss "
+        "as a fraction of the plain method's (magnitude, round to nearest) at the same setting. "
+        "Step s and peak MB: the recipe's step alone; peak resident memory of the process while "
+        "it ran (the loaded model and data included, + what the step added).",
     ]
-    for name, r in rows:
-        extra = r["peak_mb"] - r["base_mb"] if r["base_mb"] is not None else None
-        plus = f" (+{extra:.0f})" if extra is not None else ""
-        lines.append(
-            f"| {name} | {r['top1']:.4f} | {100 * (r['top1'] - dense['top1']):+.2f} pt | "
-            f"{r['bytes']:,} | {r['step_s']:.1f} | {r['peak_mb']:.0f}{plus} |"
-        )
+    for checkpoint in args.checkpoint:
+        lines += _table(checkpoint, names, args.limit)
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)
+
+
+def _plain(name: str) -> str | None:
+    """The plain counterpart of a calibrated method's row name, or None for a plain one."""
+    for calibrated, plain in (("Wanda", "magnitude"), ("SparseGPT", "magnitude"),
+                              ("GPTQ", "RTN")):  # fmt: skip
+        if name.endswith(calibrated):
+            return name[: -len(calibrated)] + plain
+    return None
+
+
+def _table(checkpoint: str, names: list[str], limit: int | None) -> list[str]:
+    dense = _dense(checkpoint, limit)
+    print(f"{checkpoint} dense: top-1 {dense['top1']:.4f} on {dense['samples']} images",
+          flush=True)  # fmt: skip
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:  # a fresh process per method: its own memory peak
+            cmd = [sys.executable, __file__, "--checkpoint", checkpoint, "--one", name,
+                   "--tmp", tmp] + (["--limit", str(limit)] if limit else [])  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+            rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(name, rows[name], flush=True)
+    lines = [
+        "",
+        f"## `{checkpoint}`",
+        "",
+        f"Top-1 on {dense['samples']:,} test images.",
+        "",
+        "| method | top-1 | vs dense | loss / plain | bytes stored | step s | peak MB (+ step) |",
+        "|---|---|---|---|---|---|---|",
+        f"| dense | {dense['top1']:.4f} | | | {dense['bytes']:,} | | |",
+    ]
+    for name, r in rows.items():
+        extra = r["peak_mb"] - r["base_mb"] if r["base_mb"] is not None else None
+        plus = f" (+{extra:.0f})" if extra is not None else ""
+        plain = rows.get(_plain(name) or "")
+        ratio = ""
+        if plain is not None and dense["top1"] - plain["top1"] > 0:
+            ratio = f"{(dense['top1'] - r['top1']) / (dense['top1'] - plain['top1']):.2f}"
+        lines.append(
+            f"| {name} | {r['top1']:.4f} | {100 * (r['top1'] - dense['top1']):+.2f} pt | {ratio} "
+            f"| {r['bytes']:,} | {r['step_s']:.1f} | {r['peak_mb']:.0f}{plus} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Outlier handling, one-shot on a trained run: W8A8 / W6A6 / W4A8 with plain calibration,
 SmoothQuant, the log2 / twin activation grids and both; plain against whitened SVD.
 
-    PYTHONPATH=src python benchmarks/outliers.py --checkpoint runs/fmnist/vit-micro \
-        [--limit N] [--out benchmarks/OUTLIERS.md] [--work DIR] [--only W6A6]
+    python benchmarks/outliers.py --checkpoint zoo:vit-nano-fmnist \
+        [--checkpoint zoo:vit-micro-fmnist] [--limit N] [--out benchmarks/OUTLIERS.md] \
+        [--work DIR] [--only W6A6]
 
 Weights per output channel, activations per tensor with static (calibrated) scales; each format
 once with the attention dot products in float and once with them quantised too (same format as
@@ -81,7 +82,8 @@ def apply_seconds(model: torch.nn.Module, steps: list[dict], calib) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, type=Path)
+    ap.add_argument("--checkpoint", required=True, action="append",
+                    help="a trained dense run (or zoo:NAME); repeat for several")  # fmt: skip
     ap.add_argument("--limit", type=int, help="first N images of each split")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "OUTLIERS.md")
     ap.add_argument("--work", type=Path, help="run directories (default: a temporary one)")
@@ -94,10 +96,22 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tmp = None if args.work else tempfile.TemporaryDirectory()
     work = args.work or Path(tmp.name)  # type: ignore[union-attr]
+    lines = ["# Outlier handling for W8A8 and lower, and data-aware SVD (one-shot)"]
+    for checkpoint in args.checkpoint:
+        lines += ["", f"## `{checkpoint}`", ""]
+        lines += table(checkpoint, work / slug(checkpoint), args)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.write_text(text)
+    if tmp is not None:
+        tmp.cleanup()
+
+
+def table(checkpoint: str, work: Path, args: argparse.Namespace) -> list[str]:
     work.mkdir(parents=True, exist_ok=True)
-    dense, cfg = load_run(args.checkpoint)
-    calib = _calib_loader(run_data(cfg, args.checkpoint, None, args.limit))
-    base = evaluate_run(args.checkpoint, limit=args.limit)
+    dense, cfg = load_run(checkpoint)
+    calib = _calib_loader(run_data(cfg, Path(checkpoint), None, args.limit))
+    base = evaluate_run(Path(checkpoint), limit=args.limit)
     print(f"dense: top-1 {base['top1']:.4f} on {base['samples']} test images", flush=True)
     results = []
     for fmt, attn, method, steps in rows(args.alpha, args.calibration):
@@ -107,7 +121,7 @@ def main() -> None:
         if (run / METRICS).is_file():
             m = read_json(run / METRICS)
         else:
-            m = compress_run(args.checkpoint, {"name": slug(fmt, attn, method), "steps": steps},
+            m = compress_run(Path(checkpoint), {"name": slug(fmt, attn, method), "steps": steps},
                              run, limit=args.limit, speed=False, force=True)  # fmt: skip
             m["apply_s"] = apply_seconds(dense, steps, calib)
             (run / METRICS).write_text(json.dumps(m, indent=1))
@@ -115,7 +129,7 @@ def main() -> None:
         results.append((fmt, attn, method, m))
     bytes_fp32 = results[0][3]["bytes_fp32"] if results else 0
     lines = [
-        f"Baseline `{args.checkpoint}` ({cfg['model'].get('preset', 'vit')}), one-shot, "
+        f"Baseline `{checkpoint}` ({cfg['model'].get('preset', 'vit')}), one-shot, "
         f"{base['samples']} test images; {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}. Weights per channel, "
         f"activations per tensor, static ({args.calibration}); SmoothQuant alpha {args.alpha}.",
@@ -130,11 +144,7 @@ def main() -> None:
             f"{(m['top1'] - base['top1']) * 100:+.2f} | {m['bytes_stored']:,} | "
             f"{m['apply_s']:.1f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.write_text(text)
-    if tmp is not None:
-        tmp.cleanup()
+    return lines
 
 
 if __name__ == "__main__":

@@ -90,3 +90,23 @@ def test_several_quantize_steps_give_layers_different_formats(tiny_vit_cfg):
     assert model.blocks[0].attn.qkv.weight_format.name == "int8"
     with pytest.raises(VitcompressError, match="quantize must be the last step"):
         parse_recipe({"name": "r", "steps": [{"quantize": {}}, {"prune": {"pattern": "2:4"}}]})
+
+
+def test_the_run_compress_writes_from_an_allocated_recipe_fits_the_budget(tmp_path):
+    """The packed file's header holds the run's config (recipe, base checkpoint, versions): the
+    allocator budgets the file compress really writes, not the weights alone."""
+    from tests.test_workflows import _folder
+    from vitcompress.runs import PACKED
+    from vitcompress.train import TrainConfig
+    from vitcompress.workflows import allocate_run, compress_run, train_run
+
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=3e-3, warmup_epochs=0.0, augment="none",
+                      img_size=16, patch_size=4)  # fmt: skip
+    base = tmp_path / "base"
+    train_run("vit-nano", _folder(tmp_path / "images"), base, cfg, channels=1)
+    for budget in ("5x", "7x"):
+        res = allocate_run(base, budget, tmp_path / f"{budget}.yaml", batches=1)
+        m = compress_run(base, tmp_path / f"{budget}.yaml", tmp_path / f"run-{budget}", speed=False)
+        assert m["bytes_stored"] == (tmp_path / f"run-{budget}" / PACKED).stat().st_size
+        assert m["bytes_stored"] <= res["budget"], (budget, m["bytes_stored"], res["budget"])
+        assert m["bytes_stored"] == res["predicted"]  # the allocator measured that very file

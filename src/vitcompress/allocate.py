@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -257,10 +257,20 @@ def allocate(
     layers: str | list[str] = "*",
     batches: int = 4,
     rest: str = "int8",
+    measured: tuple[list[Choice], float, float] | None = None,
+    name: str = "alloc",
+    config_for: Callable[[dict], dict] | None = None,
 ) -> Allocation:
-    """Measure, then choose per-layer settings that fit ``budget`` (module docstring)."""
-    table, dense, base = sensitivity(model, calib, config, input_shape, metric, candidates,
-                                     layers, batches, rest)  # fmt: skip
+    """Measure, then choose per-layer settings that fit ``budget`` (module docstring).
+
+    ``measured``: what :func:`sensitivity` returned for the same arguments, to choose for
+    several budgets without measuring again. A bytes budget is checked on the whole packed
+    file, whose header holds the run's config: ``config_for(recipe)`` gives the config the
+    compressed run will store for the recipe named ``name`` (default: ``config`` as it is)."""
+    if measured is None:
+        measured = sensitivity(model, calib, config, input_shape, metric, candidates, layers,
+                               batches, rest)  # fmt: skip
+    table, dense, base = measured
     target = parse_budget(budget, metric, dense)
     cands = candidates or (CANDIDATES if metric == "bytes" else BOPS_CANDIDATES)
     by = {(c.layer, c.candidate): c for c in table}
@@ -271,10 +281,10 @@ def allocate(
         chosen = [by[(n, k)] for n, k in assignment.items()]
         alloc = Allocation(metric, target, dense, base, assignment, rest,
                            sum(c.damage for c in chosen), 0.0, table)  # fmt: skip
+        recipe = allocation_recipe(alloc, name, cands)
         probe = copy.deepcopy(model)
-        apply_recipe(probe, parse_recipe(allocation_recipe(alloc, "check", cands)),
-                     StepContext(calib_loader=data))  # fmt: skip
-        real = _cost(probe, metric, config, input_shape)
+        apply_recipe(probe, parse_recipe(recipe), StepContext(calib_loader=data))
+        real = _cost(probe, metric, config_for(recipe) if config_for else config, input_shape)
         if real <= target:
             return replace(alloc, predicted_cost=real)
         margin += real - target
@@ -308,9 +318,8 @@ def allocation_recipe(
         raise VitcompressError("allocate: every layer stays as it is; no recipe to write")
     desc = (
         f"Chosen by vitcompress allocate: {alloc.metric} budget {alloc.budget:,.0f} "
-        f"(dense fp32 {alloc.dense_cost:,.0f}), predicted {alloc.predicted_cost:,.0f}, summed "
-        f"damage {alloc.predicted_damage:.4f} nats/image. Per layer: "
-        + ", ".join(f"{n}={c}" for n, c in alloc.assignment.items())
+        f"(dense fp32 {alloc.dense_cost:,.0f}), summed damage {alloc.predicted_damage:.4f} "
+        "nats/image. Per layer: " + ", ".join(f"{n}={c}" for n, c in alloc.assignment.items())
     )
     return {"name": name, "description": desc, "steps": steps}
 

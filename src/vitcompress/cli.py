@@ -478,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "sweep", help="run a whole study (grid of recipes) into SQLite, resumably")
     p.add_argument(
-        "--study", required=True, help="study YAML, or a built-in: smoke, seed, seed-full"
+        "--study",
+        required=True,
+        help="study YAML, or a built-in: smoke, seed, seed-scratch, seed-full",
     )
     p.add_argument("--out", required=True, help="directory for runs and results.sqlite")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine")

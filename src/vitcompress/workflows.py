@@ -371,6 +371,20 @@ def _calib_loader(data_cfg: dict, batch_size: int = 64):
     return make_loader(train_ds, batch_size, shuffle=True, seed=data_cfg.get("seed", 0) + 1)
 
 
+def compressed_config(base_cfg: dict, checkpoint: Path | str, recipe: Recipe,
+                      model: nn.Module | None = None) -> dict:  # fmt: skip
+    """The config a compressed run stores (and its packed file's header holds, so its size
+    counts in ``bytes_stored``): the base run's, the recipe, where it came from, versions."""
+    return {
+        **base_cfg,
+        "compression": describe_structure(model) if model is not None else None,
+        "recipe": recipe.to_dict(),
+        "recipe_hash": recipe.hash,
+        "base_checkpoint": str(checkpoint),
+        "versions": versions(),
+    }
+
+
 def compress_run(
     checkpoint: Path,
     recipe: Recipe | dict | str | Path,
@@ -460,14 +474,7 @@ def _compress_into(
     model.to(dev)
     metrics = evaluate(model, test_loader, dev)  # top1, top5, loss and the images they used
     model.cpu()
-    config = {
-        **base_cfg,
-        "compression": describe_structure(model),
-        "recipe": recipe.to_dict(),
-        "recipe_hash": recipe.hash,
-        "base_checkpoint": str(checkpoint),
-        "versions": versions(),
-    }
+    config = compressed_config(base_cfg, checkpoint, recipe, model)
     shape = (config["model"]["in_chans"], config["model"]["img_size"], config["model"]["img_size"])
     metrics.update(compression_fields(model, dense, recipe, reports, config))
     metrics.update(model_cost(model, shape, config))
@@ -517,9 +524,15 @@ def allocate_run(
     data_cfg = run_data(config, Path(checkpoint), data, limit)
     train_ds, _, _ = datasets(data_cfg, augment=False)
     calib = make_loader(train_ds, 64, shuffle=True, seed=data_cfg.get("seed", 0) + 1)
+    name = f"alloc-{metric}-{budget}"
+
+    def run_config(recipe: dict) -> dict:  # what `compress --checkpoint CHECKPOINT` will pack
+        return compressed_config(config, checkpoint, parse_recipe(recipe))
+
     alloc = allocate(model, calib, config, input_shape_of(config), budget, metric,
-                     layers=layers, batches=batches, rest=rest)  # fmt: skip
-    recipe = allocation_recipe(alloc, f"alloc-{metric}-{budget}")
+                     layers=layers, batches=batches, rest=rest, name=name,
+                     config_for=run_config)  # fmt: skip
+    recipe = allocation_recipe(alloc, name)
     parse_recipe(recipe)  # what is written must be a recipe compress takes
     with output_lock(out):
         text = yaml.safe_dump(recipe, sort_keys=False, width=100)
