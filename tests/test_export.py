@@ -26,13 +26,7 @@ SHAPE = (1, 16, 16)
 META = {"classes": ["a", "b", "c", "d"], "mean": [0.5], "std": [0.25], "img_size": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads mostly wait for each other."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib():

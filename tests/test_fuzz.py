@@ -63,12 +63,7 @@ FUZZ = settings(
 FUZZ_SLOW = settings(FUZZ, max_examples=_DEEP or 40)  # a model built and loaded per example
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def outcome(parse: Callable[..., Any], *args: Any, peak: int | None = None) -> Any:

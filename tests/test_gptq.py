@@ -9,13 +9,7 @@ from vitcompress.formats import IntFormat, compute_qparams, fake_quant, get_form
 from vitcompress.gptq import gptq_quantize
 from vitcompress.quantize import QuantLinear, round_scale
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_inputs(n=4096, k=128, rank=16, seed=0):

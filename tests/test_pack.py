@@ -23,14 +23,7 @@ from vitcompress.steps.prune import PruneConfig, prune_
 from vitcompress.steps.quantize import QuantizeConfig, quantize_
 from vitcompress.steps.registry import describe_structure
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads mostly wait for each other."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib():

@@ -12,14 +12,7 @@ from vitcompress.sparse_exec import (
 )
 from vitcompress.steps.prune import PruneConfig, prune_
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads mostly wait for each other."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pruned_linear(out_f: int, in_f: int, sparsity: float, bias: bool = True) -> nn.Linear:

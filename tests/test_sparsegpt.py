@@ -8,13 +8,7 @@ from vitcompress.errors import VitcompressError
 from vitcompress.sparsegpt import sparsegpt_prune
 from vitcompress.sparsity import magnitude_mask, n_pruned, nm_mask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_inputs(n=4096, k=128, rank=16, seed=0):

@@ -22,12 +22,7 @@ from vitcompress.steps.registry import StepContext, describe_structure
 W4 = {"weights": "int4", "activations": None}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n, seed):

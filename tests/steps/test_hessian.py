@@ -11,13 +11,7 @@ from vitcompress.errors import VitcompressError
 from vitcompress.models import build_model
 from vitcompress.steps.hessian import HessianSum, compress_sequentially_, hessians
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(n=3, shape=(4, 1, 16, 16)):
