@@ -7,8 +7,8 @@ from vitcompress.studies.grid import label_of, product, resolve_teachers, teache
 
 
 def test_builtin_studies_expand_with_stable_ids(tmp_path):
-    seed = expand_study("seed")
-    again = expand_study("seed")
+    seed = expand_study("seed-scratch")
+    again = expand_study("seed-scratch")
     assert len(seed.runs) == 46  # 38 of the two studies, 8 structured-pruning runs
     assert seed.run_ids() == again.run_ids()
     assert len(set(seed.run_ids())) == len(seed.run_ids())
@@ -20,7 +20,7 @@ def test_builtin_studies_expand_with_stable_ids(tmp_path):
     assert {r.size for r in full.runs} == {"tiny", "small", "base"}
     assert all(r.data == "imagefolder:/data/RESISC45" for r in full.runs)
     # (test_kill_9_mid_sweep_then_resume checks that another process gives the same ids)
-    moved = expand_study("seed", data="fashion-mnist:/elsewhere")
+    moved = expand_study("seed-scratch", data="fashion-mnist:/elsewhere")
     assert not set(moved.run_ids()) & set(seed.run_ids())
 
 
@@ -64,7 +64,7 @@ def test_grid_syntax_substitutes_values_labels_and_builtins():
 # Recorded from the code before the studies/ split. A run id and a baseline hash are digests of
 # the resolved run, so a change here renames runs: every user's next sweep would rerun from scratch.
 PINNED = {
-    ("seed", None): {
+    ("seed-scratch", None): {  # the seed study before the zoo, renamed: its ids are kept
         "runs": ("vit-nano-dense-fp32-387900e2", "vit-nano-cubic96.875-int8-1f9c332b",
                  "deit-nano-cubic50-int8-00ddf184", "deit-nano-dynamic-int8-fc0261a9"),
         "baselines": ("5a7708d75249", "4859e0fc8ba1", "7df85f3f1f1c"),  # resnet, vit, deit
@@ -111,7 +111,7 @@ def test_product_varies_the_last_axis_fastest_and_labels_values():
 
 
 def test_teacher_symbols_resolve_to_directories_only_at_run_time(tmp_path):
-    st = expand_study("seed")
+    st = expand_study("seed-scratch")
     run = next(r for r in st.runs if r.id == "deit-nano-cubic50-int8-00ddf184")
     (teacher,) = teacher_hashes(run.recipe)
     assert st.baselines[teacher].label == "resnet"

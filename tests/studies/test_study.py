@@ -49,7 +49,7 @@ def test_malformed_study_is_one_line_error_naming_file_and_key(tmp_path, text, m
 
 
 def test_study_not_found_names_builtins(tmp_path):
-    with pytest.raises(VitcompressError, match="built-in: smoke, seed, seed-full"):
+    with pytest.raises(VitcompressError, match="built-in: smoke, seed, seed-scratch, seed-full"):
         load_study(tmp_path / "nope.yaml")
 
 
@@ -79,3 +79,37 @@ def test_every_public_name_resolves():
         assert getattr(vitcompress.studies, name) is not None
     with pytest.raises(AttributeError):
         vitcompress.studies.no_such_name  # noqa: B018
+
+
+def test_an_existing_run_takes_a_teacher_for_its_fine_tunes(tmp_path):
+    import json
+
+    from vitcompress.models import model_config
+    from vitcompress.zoo import ZOO_DIR
+
+    run = tmp_path / "my-deit"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": model_config("deit-nano",
+                                                                        in_chans=1)}))  # fmt: skip
+    doc = {
+        "teachers": {"cnn": {"run": "zoo:resnet-micro-fmnist"}},
+        "models": {"d": {"run": str(run), "teacher": "cnn", "distill": "soft"},
+                   "plain": {"run": str(run)}},
+        "recipes": [{"name": "ft", "steps": [{"prune": {"sparsity": 0.5}},
+                                             {"finetune": {"max_steps": 3,
+                                                           "distill": "$distill"}}]}],
+    }  # fmt: skip
+    st = expand_study(doc)
+    d, plain = (next(r for r in st.runs if r.model == m) for m in ("d", "plain"))
+    cnn = next(h for h, b in st.baselines.items() if b.label == "cnn")
+    assert d.recipe["steps"][1]["finetune"]["distill"] == {"teacher": f"@baseline:{cnn}",
+                                                           "kind": "soft"}  # fmt: skip
+    assert plain.recipe["steps"][1]["finetune"]["distill"] is None
+    assert d.baseline != plain.baseline  # one run, two baselines: with and without a teacher
+    assert st.baselines[cnn].directory(tmp_path) == ZOO_DIR / "resnet-micro-fmnist"
+    # a shipped model is named by its zoo name and weights, not where the package is installed
+    ident = vitcompress.studies.study._run_identity("zoo:resnet-micro-fmnist",
+                                                    ZOO_DIR / "resnet-micro-fmnist")  # fmt: skip
+    assert ident.startswith("zoo:resnet-micro-fmnist@") and str(ZOO_DIR) not in ident
+    with pytest.raises(VitcompressError, match="distill needs a teacher"):
+        expand_study({**doc, "models": {"x": {"run": str(run), "distill": "hard"}}})

@@ -1,6 +1,6 @@
 """Reading a study: the file (or a built-in name), its settings, and its models and teachers.
 
-A study is a YAML file (or a built-in name: ``smoke``, ``seed``, ``seed-full``)::
+A study is a YAML file (or a built-in name: ``smoke``, ``seed``, ``seed-scratch``, ``seed-full``)::
 
     name: my-study
     description: ViT and DeiT, formats x sparsity
@@ -36,7 +36,10 @@ training settings ``epochs``, ``lr``, ``batch_size``,
 ``limit`` (this model's own image limit, e.g. for a teacher; runs on a model are evaluated on its
 first N test images too); ``teacher`` (a label under ``teachers`` or ``models``, or a run
 directory) with ``distill`` (``hard`` or ``soft``, default hard), ``distill_alpha``,
-``distill_tau``. Teachers take the same keys.
+``distill_tau``. Teachers take the same keys. ``teacher`` and ``distill`` also go with ``run``
+and ``from``: they name the teacher that the runs' fine-tunes distil from (``$distill``) and,
+with ``from`` and ``finetune``, the baseline's own fine-tune. ``zoo:NAME`` names a shipped
+model wherever a run directory goes.
 
 Every model and teacher becomes a :class:`Baseline` named by a hash of what it is trained from
 (preset, training settings, teacher, data, limit, seed; for an existing run, its path), never of
@@ -58,9 +61,10 @@ from typing import Any
 from vitcompress.config import check_keys, is_int, load_yaml
 from vitcompress.errors import VitcompressError
 from vitcompress.train import TrainConfig
+from vitcompress.zoo import PREFIX as ZOO_PREFIX
 from vitcompress.zoo import run_path
 
-BUILTIN = ("smoke", "seed", "seed-full")
+BUILTIN = ("smoke", "seed", "seed-scratch", "seed-full")
 TOP_KEYS = (
     "name", "description", "data", "limit", "seed", "device", "speed", "resources", "teachers",
     "models", "recipes",
@@ -279,11 +283,28 @@ def _model_entries(doc: Mapping, src: str) -> dict[str, tuple[str, dict]]:
     return entries
 
 
+def _run_identity(spec: str, run: Path) -> str:
+    """What names an existing run in its baseline's hash: its absolute path, or for a shipped
+    model its zoo name and a digest of its weights (the same wherever the package is installed,
+    another once the zoo is retrained)."""
+    if not spec.startswith(ZOO_PREFIX):
+        return str(run)
+    weights = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()[:16]
+    return f"{spec}@{weights}"
+
+
 def _existing_run(
-    label: str, spec: dict, where: str, data: str, limit: int | None, seed: int
+    label: str,
+    spec: dict,
+    where: str,
+    data: str,
+    limit: int | None,
+    seed: int,
+    teacher: str | None = None,
+    distill: str | None = None,
 ) -> Baseline:
     key = "run" if "run" in spec else "from"
-    extra = [k for k in spec if k not in (key, "finetune", "limit")]
+    extra = [k for k in spec if k not in (key, "finetune", "limit", "teacher", "distill")]
     if extra:
         raise VitcompressError(f"{where}: {extra[0]!r} does not apply to an existing run")
     run = run_path(Path(str(spec[key])).expanduser()).resolve()
@@ -300,8 +321,13 @@ def _existing_run(
         if "limit" in spec:
             raise VitcompressError(f"{where}: 'limit' does not apply to an existing run")
         # an existing run is named by where it is: it is not retrained, nothing else names it
-        h = digest({"run": str(run)})
-        return Baseline(label, h, None, str(run), {}, None, None, data, limit, seed, fam, size)
+        # (but its teacher, which its fine-tunes' $distill names)
+        ident: dict = {"run": _run_identity(str(spec[key]), run)}
+        if teacher is not None:
+            ident.update(teacher=teacher, distill=distill)
+        h = digest(ident)
+        return Baseline(label, h, None, str(run), {}, teacher, distill, data, limit, seed, fam,
+                        size)  # fmt: skip
     if key != "from":
         raise VitcompressError(f"{where}: 'finetune' goes with 'from: RUN_DIR', not 'run'")
     ft = spec["finetune"]
@@ -318,10 +344,12 @@ def _existing_run(
     own_limit = spec.get("limit", limit)
     if own_limit is not None and (not is_int(own_limit) or own_limit < 1):
         raise VitcompressError(f"{where}: limit must be an integer >= 1, got {own_limit!r}")
-    h = digest({"from": str(run), "finetune": train, "data": data, "limit": own_limit,
-                "seed": seed})  # fmt: skip
-    return Baseline(label, h, None, None, train, None, None, data, own_limit, seed, fam, size,
-                    init_from=str(run))  # fmt: skip
+    ident = {"from": _run_identity(str(spec[key]), run), "finetune": train, "data": data,
+             "limit": own_limit, "seed": seed}  # fmt: skip
+    if teacher is not None:
+        ident.update(teacher=teacher, distill=distill)
+    return Baseline(label, digest(ident), None, None, train, teacher, distill, data, own_limit,
+                    seed, fam, size, init_from=str(run))  # fmt: skip
 
 
 def resolve_models(
@@ -338,6 +366,28 @@ def resolve_models(
     by_label: dict[str, str] = {}
     baselines: dict[str, Baseline] = {}
 
+    def teacher_of(spec: Mapping, where: str, stack: tuple[str, ...]) -> tuple:
+        """``(teacher, distill)``: a teacher baseline's hash or a run directory, and how."""
+        if spec.get("teacher") is None:
+            if spec.get("distill") is not None:
+                raise VitcompressError(f"{where}: distill needs a teacher")
+            return None, None
+        t = str(spec["teacher"])
+        if t in entries:
+            teacher_ref = resolve(t, stack)
+        else:
+            tp = run_path(Path(t).expanduser()).resolve()
+            if not (tp / "config.json").is_file():
+                raise VitcompressError(
+                    f"{where}: teacher {t!r} is neither a label under teachers/models "
+                    "nor a run directory"
+                )
+            teacher_ref = str(tp)
+        distill = spec.get("distill", "hard")
+        if distill not in ("hard", "soft"):
+            raise VitcompressError(f"{where}: distill must be hard or soft, not {distill!r}")
+        return teacher_ref, distill
+
     def resolve(label: str, stack: tuple[str, ...]) -> str:
         if label in by_label:
             return by_label[label]
@@ -346,8 +396,9 @@ def resolve_models(
             raise VitcompressError(f"{where}: teacher cycle {' -> '.join((*stack, label))}")
         if sum(k in spec for k in ("preset", "run", "from")) != 1:
             raise VitcompressError(f"{where}: give exactly one of 'preset', 'run' or 'from'")
+        teacher_ref, distill = teacher_of(spec, where, stack + (label,))
         if "run" in spec or "from" in spec:
-            b = _existing_run(label, spec, where, data, limit, seed)
+            b = _existing_run(label, spec, where, data, limit, seed, teacher_ref, distill)
         else:
             preset = str(spec["preset"])
             if preset not in PRESETS:
@@ -359,26 +410,6 @@ def resolve_models(
             own_limit = spec.get("limit", limit)
             if own_limit is not None and (not is_int(own_limit) or own_limit < 1):
                 raise VitcompressError(f"{where}: limit must be an integer >= 1, got {own_limit!r}")
-            teacher_ref = distill = None
-            if spec.get("teacher") is not None:
-                t = str(spec["teacher"])
-                if t in entries:
-                    teacher_ref = resolve(t, (*stack, label))
-                else:
-                    tp = run_path(Path(t).expanduser()).resolve()
-                    if not (tp / "config.json").is_file():
-                        raise VitcompressError(
-                            f"{where}: teacher {t!r} is neither a label under teachers/models "
-                            "nor a run directory"
-                        )
-                    teacher_ref = str(tp)
-                distill = spec.get("distill", "hard")
-                if distill not in ("hard", "soft"):
-                    raise VitcompressError(
-                        f"{where}: distill must be hard or soft, not {distill!r}"
-                    )
-            elif spec.get("distill") is not None:
-                raise VitcompressError(f"{where}: distill needs a teacher")
             fam, size = _family_size(preset)
             ident = {"preset": preset, "train": train, "teacher": teacher_ref, "distill": distill,
                      "data": data, "limit": own_limit, "seed": seed}  # fmt: skip
