@@ -227,6 +227,20 @@ def test_prune_wanda_end_to_end():
     assert ((model[0].weight == 0).sum(1) == 8).all()
 
 
+def test_wanda_reads_only_calib_batches():
+    torch.manual_seed(0)
+    model = tiny_mlp()
+    read = []
+
+    def calib():
+        for i in range(100):
+            read.append(i)
+            yield torch.randn(4, 16)
+
+    prune_(model, PruneConfig(sparsity=0.5, method="wanda", targets="*", calib_batches=3), calib())
+    assert len(read) == 3
+
+
 def test_masks_survive_adamw_with_weight_decay():
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -74,7 +74,8 @@ class PruneConfig:
         ignore: name patterns to leave out.
         damp: SparseGPT's dampening of the Hessian, relative to its mean diagonal (> 0).
         block_size: SparseGPT's columns per block (its masks are chosen per block; >= 1).
-        calib_batches: the calibration batches SparseGPT reads (Wanda reads them all).
+        calib_batches: the calibration batches Wanda and SparseGPT read (8 of 64 images: 512,
+            Wanda's and SparseGPT's papers use 128 samples).
     """
 
     sparsity: float | None = None
@@ -122,11 +123,12 @@ class PruneConfig:
         check_options(self.damp, self.block_size, "prune")
         check_int(self.calib_batches, "prune.calib_batches", 1)
         if self.method != "sparsegpt":
-            set_ = [k for k in SPARSEGPT_FIELDS if getattr(self, k) != _SPARSEGPT_DEFAULTS[k]]
+            set_ = [k for k in _own_fields(self.method, dropped=True)
+                    if getattr(self, k) != _SPARSEGPT_DEFAULTS[k]]  # fmt: skip
             if set_:
+                where = "'sparsegpt'" if set_[0] != "calib_batches" else "'wanda' or 'sparsegpt'"
                 raise VitcompressError(
-                    f"prune.{set_[0]} only applies to method 'sparsegpt'; add method: sparsegpt "
-                    "or drop it"
+                    f"prune.{set_[0]} only applies to method {where}; set method or drop it"
                 )
         if nm is not None and self.scope == "global":
             raise VitcompressError(
@@ -209,10 +211,20 @@ class PruneConfig:
 _SPARSEGPT_DEFAULTS = {f.name: f.default for f in fields(PruneConfig) if f.name in SPARSEGPT_FIELDS}
 
 
+def _own_fields(method: str, dropped: bool = False) -> tuple[str, ...]:
+    """The calibration options ``method`` reads (or, ``dropped``, those it does not)."""
+    own = {"sparsegpt": SPARSEGPT_FIELDS, "wanda": ("calib_batches",)}.get(method, ())
+    return tuple(k for k in SPARSEGPT_FIELDS if (k in own) != dropped)
+
+
 def activation_norms(
-    model: nn.Module, layers: Mapping[str, nn.Module], calib_data: Iterable
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    calib_data: Iterable,
+    max_batches: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """L2 norm of every input feature of ``layers`` over all tokens of ``calib_data``.
+    """L2 norm of every input feature of ``layers`` over all tokens of the first
+    ``max_batches`` batches of ``calib_data`` (all of them if None).
 
     One forward pass of the dense model (Wanda's per-block sequential recalibration is not done:
     it needs the model's block structure). For a Conv2d the features are the unfolded patches
@@ -225,7 +237,7 @@ def activation_norms(
         sq = (x * x).sum(0)  # (in,)
         sums[name] = sq if name not in sums else sums[name] + sq
 
-    observe_inputs(model, layers, calib_data, observe)
+    observe_inputs(model, layers, calib_data, observe, max_batches)
     return {n: s.sqrt() for n, s in sums.items()}
 
 
@@ -251,7 +263,7 @@ def prune_(model: nn.Module, config: PruneConfig, calib_data: Iterable | None = 
         return
     norms = None
     if config.method == "wanda":
-        norms = activation_norms(model, layers, calib_data)
+        norms = activation_norms(model, layers, calib_data, config.calib_batches)
     apply_masks_(model, compute_masks(layers, config, config.target_sparsity, norms))
 
 
@@ -298,9 +310,8 @@ class PruneStep(Step):
     def to_dict(self, config: PruneConfig) -> dict:
         """Defaults filled in; SparseGPT's options only for it (older hashes stay)."""
         d = plain(config)
-        if config.method != "sparsegpt":
-            for key in SPARSEGPT_FIELDS:
-                del d[key]
+        for key in _own_fields(config.method, dropped=True):
+            del d[key]
         return d
 
     def needs_calibration(self, config: PruneConfig) -> bool:
