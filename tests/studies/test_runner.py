@@ -173,4 +173,6 @@ def test_demo_resumes_builds_the_report_and_prints_the_best(tiny_out, tiny, tmp_
     text = capsys.readouterr().out
     assert f"report: {(out / 'report.html').resolve()}" in text
     assert "Five best runs by top-1 per size band" in text and "vit-nano" in text
+    assert "Findings of the reference studies on these results" in text
+    assert text.index("Findings of") < text.index("Five best runs")
     assert (out / "plots" / "formats.png").is_file()
