@@ -57,3 +57,12 @@ def test_unknown_zoo_names_are_one_line_errors():
     with pytest.raises(VitcompressError, match="no shipped model 'zoo:vit-giant'; the zoo holds"):
         run_path("zoo:vit-giant")
     assert run_path("runs/mine") == Path("runs/mine")
+
+
+def test_the_python_api_takes_a_zoo_name():
+    import vitcompress as vc
+
+    model, config = vc.from_pretrained("zoo:resnet-micro-fmnist")
+    assert config["model"]["preset"] == "resnet-micro" and not model.training
+    with pytest.raises(VitcompressError, match="no shipped model 'zoo:nope'"):
+        vc.from_pretrained("zoo:nope")

@@ -87,9 +87,12 @@ def imported_config(imported: ImportedModel, limit: int | None = None) -> dict:
 
 def from_pretrained(source: str | Path, **kwargs: Any) -> tuple[nn.Module, dict]:
     """``(model in eval mode, run config)`` from a run directory, a Hugging Face
-    ``save_pretrained`` folder, a timm hub folder or a timm weight file (``preset=...`` for a
-    bare one): one entry point for every model vitcompress takes."""
-    path = Path(source)
+    ``save_pretrained`` folder, a timm hub folder, a timm weight file (``preset=...`` for a
+    bare one) or a shipped model (``zoo:vit-nano-fmnist``): one entry point for every model
+    vitcompress takes."""
+    from vitcompress.zoo import run_path
+
+    path = run_path(source)
     if path.is_dir() and (path / CONFIG).is_file() and "model" in read_json(path / CONFIG):
         return load_run(path)
     imported = import_model(path, **kwargs)
