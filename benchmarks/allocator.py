@@ -4,8 +4,9 @@
         [--checkpoint zoo:vit-micro-fmnist] [--budgets 6x,8x,10x] [--out benchmarks/ALLOCATOR.md]
 
 Uniform: every Linear layer gets the same candidate of ``vitcompress.allocate.CANDIDATES``
-(int8, int6, int4 and int3 weight-only, 2:4 / 50 % / 75 % sparse + int8), the other parameters
-int8, written by the allocator's own ``allocation_recipe`` so both sides are packed alike.
+(int8, int6, int4, int3 and int2 weight-only, 2:4 / 50 % / 75 % sparse + int8, 75 % + int4),
+the other parameters int8, written by the allocator's own ``allocation_recipe`` so both sides
+are packed alike.
 Allocated: the per-layer choice at the fixed budgets (6x, 8x, 10x fewer bytes than fp32) and,
 for the comparison at equal bytes, at each uniform recipe's own bytes. Sensitivity is measured
 once per model (its time is reported). Every row is a ``compress_run`` evaluated on the run's
@@ -42,7 +43,7 @@ from vitcompress.workflows import (
     run_data,
 )
 
-UNIFORM = ("int8", "int6", "int4", "int3", "2:4+int8", "50%+int8", "75%+int8")
+UNIFORM = ("int8", "int6", "int4", "int3", "int2", "2:4+int8", "50%+int8", "75%+int8", "75%+int4")
 
 
 def table(checkpoint: str, budgets: list[str], limit: int | None, work: Path) -> list[str]:

@@ -44,11 +44,11 @@ METHODS: dict[str, list[dict]] = {
     # than a nano's rows of 64 and 256): smaller blocks adapt the mask as errors are compensated,
     # and more damping steadies the update. Chosen on vit-nano's test split (no third split),
     # so read these rows as "how much the options matter", not as a held-out result.
-    "2:4 SparseGPT, damp 0.1": [{"prune": {"pattern": "2:4", "method": "sparsegpt", "damp": 0.1}}],
-    "50 % SparseGPT, block 16, damp 0.1": [
+    "2:4 SparseGPT damp 0.1": [{"prune": {"pattern": "2:4", "method": "sparsegpt", "damp": 0.1}}],
+    "50 % SparseGPT block 16 damp 0.1": [
         {"prune": {"sparsity": 0.5, "method": "sparsegpt", "block_size": 16, "damp": 0.1}}
     ],
-    "75 % SparseGPT, block 16, damp 0.1": [
+    "75 % SparseGPT block 16 damp 0.1": [
         {"prune": {"sparsity": 0.75, "method": "sparsegpt", "block_size": 16, "damp": 0.1}}
     ],
     "int4 RTN": [{"quantize": {"weights": "int4", **W}}],
@@ -97,7 +97,7 @@ def _one(checkpoint: str, name: str, limit: int | None, out: str) -> dict:
         return reports
 
     wf.apply_recipe = timed  # what compress_run calls to apply the recipe
-    label = name.replace(" ", "").replace("%", "pct").replace(",", "-")
+    label = name.replace(" ", "").replace("%", "pct")
     recipe = {"name": label, "steps": METHODS[name]}
     metrics = wf.compress_run(
         Path(checkpoint), recipe, Path(out) / recipe["name"], limit=limit, speed=False

@@ -60,6 +60,13 @@ CANDIDATES: dict[str, list[dict]] = {
                  {"quantize": {"weights": "int8", "activations": None}}],
     "75%+int8": [{"prune": {"sparsity": 0.75}},
                  {"quantize": {"weights": "int8", "activations": None}}],
+    # about 2 bits a weight, for budgets past 8x: a layer that tolerates them frees bytes for
+    # the sensitive ones
+    "int2": [{"quantize": {"weights": "int2", "activations": None, "granularity": "per_group",
+                           "group_size": 32}}],
+    "75%+int4": [{"prune": {"sparsity": 0.75}},
+                 {"quantize": {"weights": "int4", "activations": None, "granularity": "per_group",
+                               "group_size": 32}}],
 }  # fmt: skip
 BOPS_CANDIDATES: dict[str, list[dict]] = {
     "fp32": [],
