@@ -4,26 +4,12 @@ sparsity patterns."""
 import pytest
 import torch
 
+from tests.test_gptq import correlated_inputs, hessian, weight
 from vitcompress.errors import VitcompressError
 from vitcompress.sparsegpt import sparsegpt_prune
 from vitcompress.sparsity import magnitude_mask, n_pruned, nm_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def correlated_inputs(n=4096, k=128, rank=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, rank, generator=g)
-    x = z @ torch.randn(rank, k, generator=g) + 0.5 * torch.randn(n, k, generator=g)
-    return x.double()  # (n, k)
-
-
-def hessian(x):
-    return 2 * x.T @ x / x.shape[0]
-
-
-def weight(out=64, k=128, seed=1):
-    return torch.randn(out, k, generator=torch.Generator().manual_seed(seed))
 
 
 def output_error(x, w, q):

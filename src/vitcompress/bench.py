@@ -55,7 +55,6 @@ import io
 import os
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -66,6 +65,7 @@ import torch
 from torch import nn
 
 from vitcompress.errors import VitcompressError
+from vitcompress.measure import p90, time_rounds
 
 DEFAULT_VARIANTS = (
     "torch-fp32",
@@ -352,41 +352,6 @@ def _input(batch: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
 
 
-def time_rounds(
-    variants: list[Variant],
-    x: np.ndarray,
-    rounds: int,
-    warmup: int,
-    passes: int = 3,
-    pause: float = 0.2,
-) -> dict[str, list[float]]:
-    """Seconds per call of each variant, ``rounds`` calls each.
-
-    The calls are split over ``passes`` sweeps through the variants (load that comes and goes
-    falls on all of them); in each sweep a variant sleeps ``pause`` seconds (the previous
-    runtime's threads stop spinning), runs ``warmup`` untimed calls (at least one: its own
-    threads wake up) and then its share of the timed calls back to back.
-    """
-    passes = max(1, min(passes, rounds))
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for i in range(passes):
-        share = rounds // passes + (1 if i < rounds % passes else 0)
-        for v in variants:
-            time.sleep(pause)
-            for _ in range(max(1, warmup)):
-                v.run(x)
-            for _ in range(share):
-                t0 = time.perf_counter()
-                v.run(x)
-                times[v.name].append(time.perf_counter() - t0)
-    return times
-
-
-def _p90(ts: list[float]) -> float:
-    s = sorted(ts)
-    return s[min(len(s) - 1, int(0.9 * len(s)))]
-
-
 def bench(
     checkpoint: str | Path | None = None,
     model: str | None = None,
@@ -490,7 +455,7 @@ def _bench(net, config, label, shape, names, threads, calib, rank_ratio, work_di
                 "runtime": v.runtime,
                 "format": v.fmt,
                 "latency_ms_b1": statistics.median(t1[v.name]) * 1000,
-                "latency_p90_ms_b1": _p90(t1[v.name]) * 1000,
+                "latency_p90_ms_b1": p90(t1[v.name]) * 1000,
                 "latency_min_ms_b1": min(t1[v.name]) * 1000,
                 f"throughput_b{batch}": batch / statistics.median(tb[v.name]),
                 f"throughput_best_b{batch}": batch / min(tb[v.name]),

@@ -437,22 +437,22 @@ def export_onnx(
     if not isinstance(opset, int) or opset < 13:
         raise VitcompressError(f"opset must be an integer >= 13 (per-channel QDQ), got {opset!r}")
     input_shape = tuple(int(s) for s in input_shape)
-    m, kind = prepare_for_onnx(model, act_dtype, clip_restricted)
+    m, fmt = prepare_for_onnx(model, act_dtype, clip_restricted)
     if fused_attention:
         fuse_attention_(m)
     if precision == "fp16":
-        if kind != "fp32":
+        if fmt != "fp32":
             raise VitcompressError(
                 "export: precision fp16 is for float models; this one is quantised "
-                f"({kind}): export it with precision fp32"
+                f"({fmt}): export it with precision fp32"
             )
-        m, kind = _CastWrapper(m, torch.float16), "fp16"
+        m, fmt = _CastWrapper(m, torch.float16), "fp16"
     x = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0))
     proto = onnx.load_from_string(_torch_export(m, x, opset, ort_ops=fused_attention))
-    meta = {"vitcompress.format": kind, "vitcompress.input_shape": list(input_shape)}
+    meta = {"vitcompress.format": fmt, "vitcompress.input_shape": list(input_shape)}
     if fused_attention:
         meta["vitcompress.attention"] = f"{ORT_DOMAIN}.MultiHeadAttention"
-    if kind == "int8-qdq":
+    if fmt == "int8-qdq":
         meta["vitcompress.act_dtype"] = act_dtype
     if check:
         meta["vitcompress.check"] = check_onnx(proto.SerializeToString(), model, input_shape)

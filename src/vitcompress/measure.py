@@ -59,6 +59,43 @@ def _to_meta(model: nn.Module) -> nn.Module:
     return clone
 
 
+def p90(times: list[float]) -> float:
+    """The 90th percentile of ``times`` (nearest rank)."""
+    s = sorted(times)
+    return s[min(len(s) - 1, int(0.9 * len(s)))]
+
+
+def time_rounds(
+    variants: list,
+    x: object,
+    rounds: int,
+    warmup: int,
+    passes: int = 3,
+    pause: float = 0.2,
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant (anything with ``name`` and ``run(x)``), ``rounds``
+    calls each.
+
+    The calls are split over ``passes`` sweeps through the variants (load that comes and goes
+    falls on all of them); in each sweep a variant sleeps ``pause`` seconds (the previous
+    runtime's threads stop spinning), runs ``warmup`` untimed calls (at least one: its own
+    threads wake up) and then its share of the timed calls back to back.
+    """
+    passes = max(1, min(passes, rounds))
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    for i in range(passes):
+        share = rounds // passes + (1 if i < rounds % passes else 0)
+        for v in variants:
+            time.sleep(pause)
+            for _ in range(max(1, warmup)):
+                v.run(x)
+            for _ in range(share):
+                t0 = time.perf_counter()
+                v.run(x)
+                times[v.name].append(time.perf_counter() - t0)
+    return times
+
+
 @torch.no_grad()
 def latency_ms(
     model: nn.Module,
@@ -86,7 +123,7 @@ def latency_ms(
     times.sort()
     return {
         "median_ms": statistics.median(times),
-        "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "p90_ms": p90(times),
         "mean_ms": statistics.fmean(times),
         "std_ms": statistics.pstdev(times),
     }

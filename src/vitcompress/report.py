@@ -38,9 +38,11 @@ from vitcompress.plots import (
     plot_study_b,
 )
 from vitcompress.results import (
+    CELL_TEXT,
     LOADED_SPREAD,
     PLOTS,
     best_per_band,
+    cell_text,
     describe,
     eval_images,
     images_sentence,
@@ -118,17 +120,7 @@ def _cell(r: dict, key: str, kind: str | None) -> tuple[str, str]:
         v = r.get(key)
     if v is None:
         return "", ""
-    if kind == "pct":
-        return f"{v * 100:.2f}", repr(v)
-    if kind == "kb":
-        return f"{v / 1024:,.1f}", repr(v)
-    if kind == "int":
-        return f"{int(v):,}", repr(v)
-    if kind == "x":
-        return f"{v:.2f}", repr(v)
-    if kind in ("f1", "f2"):
-        return f"{v:.{kind[1]}f}", repr(v)
-    return str(v), str(v)
+    return (cell_text(v, kind), repr(v)) if kind in CELL_TEXT else (str(v), str(v))
 
 
 def _table(rows: list[dict], cols=TABLE_COLS, sortable: bool = True, warn=None) -> str:

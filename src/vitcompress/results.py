@@ -39,6 +39,23 @@ PARETO_AXES = {
 }
 
 
+# a numeric column's type -> how a table cell shows its value (the report, a sweep's summary)
+CELL_TEXT = {
+    "pct": lambda v: f"{v * 100:.2f}",
+    "kb": lambda v: f"{v / 1024:,.1f}",
+    "int": lambda v: f"{int(v):,}",
+    "x": lambda v: f"{v:.2f}",
+    "f1": lambda v: f"{v:.1f}",
+    "f2": lambda v: f"{v:.2f}",
+}
+
+
+def cell_text(v: object, kind: str | None) -> str:
+    """``v`` as a table cell of column type ``kind`` (plain ``str`` for other types)."""
+    show = CELL_TEXT.get(kind)
+    return show(v) if show else str(v)
+
+
 def describe(row: dict) -> dict:
     """What a run's recipe did: ``format`` (int8-dyn for dynamic), ``sparsity`` (``dense``, a
     target in percent like ``"87.5"``, or ``"2:4"``), ``lowrank`` (rank ratio or None),

@@ -42,8 +42,8 @@ _LAST: _Entry | None = None
 
 
 def prefix_len(recipe: Recipe) -> int:
-    """How many leading steps can be reused: up to and including the last ``finetune``."""
-    ft = [i for i, s in enumerate(recipe.steps) if s.kind == "finetune"]
+    """How many leading steps can be reused: up to and including the last one that trains."""
+    ft = [i for i, s in enumerate(recipe.steps) if s.impl.needs_training(s.config)]
     return ft[-1] + 1 if ft else 0
 
 

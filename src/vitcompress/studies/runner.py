@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcompress.errors import VitcompressError
+from vitcompress.results import cell_text
 from vitcompress.studies.executors import EXECUTORS, Executor, make_executor, worker_name
 from vitcompress.studies.grid import expand_study, resolve_teachers, teacher_hashes
 from vitcompress.studies.store import (
@@ -326,15 +327,7 @@ def _study_rows(con: sqlite3.Connection, st: Study) -> list[dict]:
 
 
 def _fmt(v: Any, kind: str) -> str:
-    if v is None:
-        return "-"
-    if kind == "pct":
-        return f"{v * 100:.2f}"
-    if kind == "kb":
-        return f"{v / 1024:,.1f}"
-    if kind == "ms":
-        return f"{v:.2f}"
-    return str(v)
+    return "-" if v is None else cell_text(v, kind)
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -343,7 +336,7 @@ def summary_table(rows: list[dict]) -> str:
     lines = [
         (
             r["model"], r["recipe"], r["status"], _fmt(r.get("top1"), "pct"),
-            _fmt(r.get("bytes_stored"), "kb"), _fmt(r.get("latency_ms_b1"), "ms"),
+            _fmt(r.get("bytes_stored"), "kb"), _fmt(r.get("latency_ms_b1"), "f2"),
             _fmt(r.get("sparsity"), "pct"),
         )
         for r in rows
