@@ -7,7 +7,7 @@ benchmarks/results.json.
     python benchmarks/run.py --models --run runs/base --compare runs/2of4-int8 --append
 
 Every variant of one model is timed in the same process, in passes over all variants (see
-``vitcompress.bench.time_rounds``), so the ratios within a table come from one run under the
+``vitcompress.measure.time_rounds``), so the ratios within a table come from one run under the
 same conditions.
 Random weights are fine for speed; a run directory (``--run``) is also evaluated for top-1 on
 its test set, with int8 calibration on its training images.
@@ -333,7 +333,7 @@ def render(res: dict) -> str:
         "Variants run in blocks of back-to-back calls, in passes over the variants (each "
         "section says how many), with a "
         "warm-up call and a 0.2 s pause before each block, so that no runtime's spinning "
-        "threads steal the cores of the next (`vitcompress.bench.time_rounds`). An earlier "
+        "threads steal the cores of the next (`vitcompress.measure.time_rounds`). An earlier "
         "version of this file timed torch under `OMP_WAIT_POLICY=PASSIVE`, which made torch "
         "fp32 1.6-4x slower at batch 1 and its ratios over torch too high.",
         "- Load: the 1-minute load average is printed under each table, next to the number of "
