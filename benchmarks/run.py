@@ -444,6 +444,15 @@ def render(res: dict) -> str:
         "register blocking over several tokens (e.g. a block-sparse 1x4 or 4x1 format), or "
         "structured N:M sparsity on hardware that executes it.",
         "",
+        "## Accuracy benchmarks beside this file",
+        "",
+        "Compression quality is measured by its own scripts, each on the shipped models "
+        "(`zoo:NAME`), every row a real run on all 10,000 Fashion-MNIST test images: "
+        "`CALIBRATED_METHODS.md` (magnitude / Wanda / SparseGPT, round to nearest / GPTQ, one "
+        "shot), `OUTLIERS.md` (W8A8 / W6A6 / W4A8 with SmoothQuant, twin and log2 grids; plain "
+        "vs whitened SVD), `ALLOCATOR.md` (per-layer allocation against uniform recipes at 6x / "
+        "8x / 10x and at equal bytes), `compression_fmnist.md` (the compression table with "
+        "fine-tunes), `BAD_INPUTS.md`.",
     ]
     return "\n".join(out)
 
