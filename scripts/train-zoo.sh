@@ -17,8 +17,8 @@ $VC train --model deit-nano --epochs 30 --batch-size 64 --lr 1.5e-3 --warmup-epo
     --augment flip --teacher "$OUT/resnet-micro-fmnist" --distill hard \
     --out "$OUT/deit-nano-fmnist" $FORCE
 # the larger pair (study A's size axis: the larger model sparse against the smaller dense)
-$VC train --model vit-micro --epochs 6 --batch-size 64 --lr 1e-3 --warmup-epochs 1 \
+$VC train --model vit-micro --epochs 10 --batch-size 64 --lr 1e-3 --warmup-epochs 1 \
     --augment flip --out "$OUT/vit-micro-fmnist" $FORCE
-$VC train --model deit-micro --epochs 6 --batch-size 64 --lr 1e-3 --warmup-epochs 1 \
+$VC train --model deit-micro --epochs 10 --batch-size 64 --lr 1e-3 --warmup-epochs 1 \
     --augment flip --teacher "$OUT/resnet-micro-fmnist" --distill hard \
     --out "$OUT/deit-micro-fmnist" $FORCE
