@@ -147,8 +147,19 @@ def test_a3_does_not_hold_when_a_larger_model_falls_faster_or_a_curve_is_flat():
 def test_a3_not_measured_with_one_size_but_the_fall_is_still_reported():
     f = a3_sparsity_curve(_curve("vit-nano", 0.85, [0.01, 0.03, 0.08]))
     assert f.verdict == NOT_MEASURED
-    assert "falls for 1 of 1" in f.evidence and "one size per family" in f.evidence
+    assert "falls for 1 of 1" in f.evidence and "needs two sizes of one family" in f.evidence
     assert a3_sparsity_curve([run()]).verdict == NOT_MEASURED
+    # a larger size with one sparse run has no slope of its own: named, not silently dropped
+    one = [run("vit-small", 0.88), run("vit-small", 0.87, sparsity=0.75, ft=True)]
+    f = a3_sparsity_curve(_curve("vit-nano", 0.85, [0.01, 0.03, 0.08]) + one)
+    assert f.verdict == NOT_MEASURED and "not on a curve: vit-small" in f.evidence
+    f = a3_sparsity_curve(
+        _curve("vit-tiny", 0.80, [0.01, 0.03, 0.08])
+        + _curve("vit-small", 0.85, [0, 0.01, 0.03])
+        + [run("deit-small", 0.86), run("deit-small", 0.85, sparsity=0.5, ft=True)]
+    )
+    assert f.verdict == HOLDS and "each family compared" in f.evidence
+    assert "not on a curve: deit-small" in f.evidence
 
 
 def test_a4_two_four_against_fifty_percent_unstructured():

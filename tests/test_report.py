@@ -177,6 +177,15 @@ def test_shrunk_runs_stay_out_of_the_like_for_like_plots():
     assert {_kind(r) for r in rows if r["id"] in shrunk} == {"shrink"}
 
 
+def test_study_b_leaves_out_a_model_without_an_svd_or_dynamic_run():
+    rows = [r for r in _rows() if r["status"] == "ok"]
+    dense = next(r for r in rows if r["recipe"] == "dense-fp32")
+    lone = {**dense, "id": "lone", "model": "vit-micro", "size": "micro"}
+    got = study_b_rows([*rows, lone])
+    assert dense["id"] in {r["id"] for r in got}  # the reference of its model's variants
+    assert "lone" not in {r["id"] for r in got}  # nothing to compare it with
+
+
 def test_pareto_front_and_best_per_band():
     pts = [(1.0, 0.5), (2.0, 0.6), (2.0, 0.55), (3.0, 0.58), (0.5, 0.4), (4.0, 0.7)]
     assert pareto_front(pts) == [4, 0, 1, 5]
@@ -214,7 +223,7 @@ def test_findings_come_first_with_a_verdict_each(report):
         assert f"<b>{key}</b>" in table
     assert len(re.findall(r"class='verdict (holds|fails|nm)'", table)) == 8
     # one size per family in these rows: A3's comparison of sizes cannot be made
-    assert "one size per family" in table
+    assert "needs two sizes of one family" in table
 
 
 def test_results_csv_has_one_plain_row_per_run(report):

@@ -77,6 +77,10 @@ def plot_formats(rows: list[dict], path: Path) -> str | None:
             color=cmap(j),
         )
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+        for x, y in zip(xs, ys, strict=True):
+            if y is None:  # a gap, not a zero: say the run is not in this sweep
+                ax.text(x, 0.02, "not run", rotation=90, ha="center", va="bottom", fontsize=7,
+                        color="0.45", transform=ax.get_xaxis_transform())  # fmt: skip
     base = {r["model"]: r.get("base_top1") for r in dense}
     for i, m in enumerate(models):
         if base.get(m) is not None:
@@ -226,6 +230,9 @@ def study_b_rows(rows: list[dict]) -> list[dict]:
         plain = d["sparsity"] == DENSE and not d["finetuned"] and d["shrink"] is None
         if plain and (d["lowrank"] is not None or d["format"] in ("fp32", "int8-dyn")):
             out.append(r)
+    # a model's dense row is the reference of its variants: without any, it says nothing here
+    has_variant = {r["model"] for r in out if _variant(r) != "dense fp32"}
+    out = [r for r in out if r["model"] in has_variant]
     return sorted(out, key=lambda r: (model_key(r), describe(r)["lowrank"] is not None,
                                       -(describe(r)["lowrank"] or 0), r["recipe"]))  # fmt: skip
 
