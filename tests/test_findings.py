@@ -192,6 +192,10 @@ def test_a6_larger_sparse_against_smaller_dense_at_equal_non_zeros():
     assert f.verdict == HOLDS and set(f.rows) == {tiny["id"], small["id"]}
     small["top1"] = 0.79
     assert a6_large_sparse([tiny, small]).verdict == FAILS
+    # the dense runs of both sizes go beside the verdict: here the larger is weaker to begin with
+    f = a6_large_sparse([tiny, small, run("vit-small", 0.795)])
+    assert f.verdict == FAILS
+    assert "Dense fp32: vit-small 79.50 vs vit-tiny 80.00 % (not above it before" in f.evidence
     far = run("vit-small", 0.9, sparsity=0.5, ft=True)  # 10.9 M non-zeros: not "about equal"
     f = a6_large_sparse([tiny, far])
     assert f.verdict == NOT_MEASURED and "within 25%" in f.evidence

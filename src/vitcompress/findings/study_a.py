@@ -479,4 +479,16 @@ def a6_large_sparse(rows: list[dict]) -> Finding:
             f"({', '.join(sorted(sizes_seen)) or 'no models'}): nothing to pair."
         )
         return not_measured(key, statement, test, why)
-    return _ordering(key, statement, test, pairs, "larger sparse above smaller dense")
+    f = _ordering(key, statement, test, pairs, "larger sparse above smaller dense")
+    # the finding presumes the larger model is the better one before pruning: say if it is not
+    refs, notes = references(rows), []
+    for large, small in dict.fromkeys((mkey(a), mkey(b)) for a, b, _ in pairs):
+        if large in refs and small in refs:
+            a, b = refs[large], refs[small]
+            weaker = " (not above it before pruning)" if top1_pts(a) <= top1_pts(b) else ""
+            notes.append(
+                f"{a['model']} {top1_pts(a):.2f} vs {b['model']} {top1_pts(b):.2f} %{weaker}"
+            )
+    if not notes:
+        return f
+    return dataclasses.replace(f, evidence=f"{f.evidence} Dense fp32: {'; '.join(notes)}.")
