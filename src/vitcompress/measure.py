@@ -120,7 +120,6 @@ def latency_ms(
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
     return {
         "median_ms": statistics.median(times),
         "p90_ms": p90(times),
